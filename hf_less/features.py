@@ -1,0 +1,274 @@
+"""Per-example LoRA gradient features (the paper's g and Gamma).
+
+For each example z the loss is the mean cross-entropy over z's completion tokens (never a
+padded-batch mean), and the gradient is taken w.r.t. the trainable (LoRA) parameters only.
+Pool examples get the Adam direction ``Gamma = m' / sqrt(v' + eps)`` built from a
+checkpoint's moments; target examples keep the plain gradient ``g``.
+
+Per-example gradients come from one batched forward/backward: forward hooks on the trainable
+``nn.Linear`` layers keep each layer's input ``x`` and output ``y``; ``autograd.grad`` of the
+summed per-example losses w.r.t. the outputs gives ``delta = dL/dy``, and since example b's
+loss depends on example b's tokens only, ``grad W_b = sum_t delta_{b,t} x_{b,t}^T``. Parameters
+that are not ``nn.Linear`` weights/biases fall back to an exact one-example-at-a-time loop.
+Nothing is written to ``param.grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+
+def parameter_key(name: str, adapter_name: str | None = "default") -> str:
+    """A trainable parameter's name without the PEFT adapter segment.
+
+    ``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``: the key format of
+    ``adapter_model.safetensors``, used for the saved Adam moments too.
+    """
+    if adapter_name:
+        name = name.replace(f".{adapter_name}.", ".")
+    return name
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, param)`` of every parameter with ``requires_grad``, in ``named_parameters`` order."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            "The model has no trainable parameters, so it has no LoRA gradients to featurize. "
+            "Wrap it with peft.get_peft_model(model, LoraConfig(...)) (or load a LoRA adapter "
+            "with is_trainable=True)."
+        )
+    return params
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each example's scored tokens.
+
+    Args:
+        logits: ``(B, T, V)``.
+        labels: ``(B, T)``, aligned with the inputs (shifted here), ``-100`` = not scored.
+    Returns:
+        ``(B,)`` float32 losses. An example without scored tokens gives NaN (callers refuse it).
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    ce = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(shift_labels.shape)
+    return ce.sum(1) / (shift_labels != IGNORE_INDEX).sum(1)
+
+
+def adam_direction(
+    grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    betas: tuple[float, float], eps: float,
+) -> torch.Tensor:
+    """The Adam update direction of one more step with gradient ``grad`` (LESS's Gamma).
+
+    ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``, ``Gamma = m' / sqrt(v' + eps)``,
+    eps inside the square root and no bias correction, as the reference does.
+
+    Args:
+        grad: ``(B, n)`` per-example gradients.
+        exp_avg, exp_avg_sq: ``(n,)`` the checkpoint's first and second moments.
+    """
+    b1, b2 = betas
+    m = exp_avg * b1 + grad * (1.0 - b1)
+    v = exp_avg_sq * b2 + grad.square() * (1.0 - b2)
+    return m / torch.sqrt(v + eps)
+
+
+@dataclass
+class AdamMoments:
+    """One checkpoint's Adam state: moments keyed by :func:`parameter_key`, betas, eps."""
+
+    exp_avg: Mapping[str, torch.Tensor]
+    exp_avg_sq: Mapping[str, torch.Tensor]
+    betas: tuple[float, float]
+    eps: float
+
+
+def _accepts(model: nn.Module, arg: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], with_positions: bool) -> torch.Tensor:
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if with_positions:
+        kwargs["position_ids"] = batch["position_ids"]
+    return per_example_loss(model(**kwargs).logits, batch["labels"])
+
+
+class PerExampleGradients:
+    """Per-example gradients of the trainable parameters of ``model``.
+
+    Args:
+        model: a model (usually a ``peft.PeftModel``) whose trainable parameters are featurized.
+        adapter_name: the PEFT adapter segment removed from parameter names to form keys.
+    """
+
+    def __init__(self, model: nn.Module, adapter_name: str | None = "default"):
+        self.model = model
+        self.params = trainable_parameters(model)
+        self.keys = [parameter_key(n, adapter_name) for n, _ in self.params]
+        self.sizes = [p.numel() for _, p in self.params]
+        self.dim = sum(self.sizes)
+        owner = {}
+        for module in model.modules():
+            for pname, p in module.named_parameters(recurse=False):
+                owner[id(p)] = (module, pname)
+        self._owners = [owner[id(p)] for _, p in self.params]
+        self.batched = all(isinstance(m, nn.Linear) and pn in ("weight", "bias") for m, pn in self._owners)
+        if not self.batched:
+            odd = [n for (n, _), (m, pn) in zip(self.params, self._owners)
+                   if not (isinstance(m, nn.Linear) and pn in ("weight", "bias"))]
+            logger.warning(
+                "Trainable parameters outside nn.Linear layers (%s...): per-example gradients "
+                "use the exact but slower one-example-at-a-time loop.", ", ".join(odd[:3]))
+        self._with_positions = _accepts(model, "position_ids")
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(i, grad_i)`` for each trainable parameter i, ``grad_i`` of shape ``(B, numel_i)``.
+
+        Gradients are yielded one parameter at a time so a caller can transform and project
+        each before the next is formed.
+        """
+        if self.batched:
+            yield from self._hooked(batch)
+        else:
+            yield from self._looped(batch)
+
+    def _hooked(self, batch):
+        modules = list(dict.fromkeys(m for m, _ in self._owners))
+        records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in modules}
+
+        def hook(module, inputs, output):
+            records[module].append((inputs[0].detach(), output))
+
+        handles = [m.register_forward_hook(hook) for m in modules]
+        try:
+            with torch.enable_grad():
+                losses = _forward_loss(self.model, batch, self._with_positions)
+                _check_losses(losses)
+                outputs = [out for m in modules for _, out in records[m]]
+                deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        B = batch["input_ids"].shape[0]
+        delta_of: dict[nn.Module, list[torch.Tensor | None]] = {}
+        pos = 0
+        for m in modules:
+            delta_of[m] = list(deltas[pos : pos + len(records[m])])
+            pos += len(records[m])
+        for i, (module, pname) in enumerate(self._owners):
+            grad = torch.zeros((B, *self.params[i][1].shape), device=batch["input_ids"].device)
+            for (x, _), delta in zip(records[module], delta_of[module]):
+                if delta is None:
+                    continue
+                d = delta.reshape(B, -1, delta.shape[-1]).float()
+                if pname == "weight":
+                    grad += torch.einsum("bto,bti->boi", d, x.reshape(B, -1, x.shape[-1]).float())
+                else:
+                    grad += d.sum(1)
+            yield i, grad.reshape(B, -1)
+
+    def _looped(self, batch):
+        B = batch["input_ids"].shape[0]
+        per_param: list[list[torch.Tensor]] = [[] for _ in self.params]
+        tensors = [p for _, p in self.params]
+        for b in range(B):
+            keep = batch["attention_mask"][b].bool()
+            one = {k: v[b : b + 1, keep] for k, v in batch.items()}
+            with torch.enable_grad():
+                loss = _forward_loss(self.model, one, self._with_positions)
+                _check_losses(loss, offset=b)
+                grads = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
+            for i, g in enumerate(grads):
+                per_param[i].append(torch.zeros_like(tensors[i]) if g is None else g.float())
+        for i, gs in enumerate(per_param):
+            yield i, torch.stack(gs).reshape(B, -1)
+
+
+def _check_losses(losses: torch.Tensor, offset: int = 0) -> None:
+    bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(
+            f"Non-finite loss for example(s) {[offset + b for b in bad]} of this batch (no scored "
+            "token, or an overflow in the forward pass). Check the example's labels, or compute in "
+            "float32 rather than float16."
+        )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Dropout off while featurizing; the caller's train/eval mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def gradient_features(
+    grads: PerExampleGradients,
+    batch: Mapping[str, torch.Tensor],
+    projector=None,
+    moments: AdamMoments | None = None,
+) -> torch.Tensor:
+    """Per-example features of a batch: ``(B, d)`` float32 (``d = P`` when ``projector`` is None).
+
+    With ``moments`` the features are Adam directions (pool examples), otherwise plain
+    gradients (target examples). Not normalised: see :func:`hf_less.scores.normalize`.
+    """
+    B = batch["input_ids"].shape[0]
+    device = batch["input_ids"].device
+    offsets = [0]
+    for n in grads.sizes:
+        offsets.append(offsets[-1] + n)
+    out = None if projector is None else torch.zeros((B, projector.proj_dim), device=device)
+    parts: list[torch.Tensor] = []
+    for i, g in grads(batch):
+        if moments is not None:
+            key = grads.keys[i]
+            if key not in moments.exp_avg:
+                raise KeyError(
+                    f"The checkpoint's Adam moments have no entry for parameter {key!r}: the warmup "
+                    "was trained with a different LoRA configuration than this model."
+                )
+            m = moments.exp_avg[key].to(device=device, dtype=torch.float32).reshape(-1)
+            v = moments.exp_avg_sq[key].to(device=device, dtype=torch.float32).reshape(-1)
+            g = adam_direction(g, m, v, moments.betas, moments.eps)
+        if projector is None:
+            parts.append(g)
+        else:
+            out += projector.project(g, offsets[i])
+    feats = torch.cat(parts, dim=1) if projector is None else out
+    bad = (~torch.isfinite(feats)).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"Non-finite gradient feature for example(s) {bad} of this batch.")
+    return feats
+
+
+def batch_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Group row indices into batches of similar length (longest first) to waste little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
