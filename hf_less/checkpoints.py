@@ -1,0 +1,175 @@
+"""The LESS state of a warmup checkpoint, on disk: Adam moments (safetensors) + JSON.
+
+``checkpoint-N/`` keeps the Trainer's own files (adapter, optimizer.pt, ...) and, written by
+:class:`hf_less.LessCallback`:
+
+- ``less_moments.safetensors``: ``exp_avg.<key>`` and ``exp_avg_sq.<key>`` for every trainable
+  parameter, ``<key>`` the parameter's name without the adapter segment (the key format of
+  ``adapter_model.safetensors``), so the state does not depend on optimizer indices;
+- ``less_state.json``: betas, eps, the mean learning rate over the optimizer steps since the
+  previous checkpoint, the global step, and the parameter keys in order.
+
+The checkpoint weight of LESS is ``w_i = mean_lr_i / sum_j mean_lr_j``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from .features import AdamMoments
+
+STATE_FILE = "less_state.json"
+MOMENTS_FILE = "less_moments.safetensors"
+FORMAT_VERSION = 1
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+HOW_TO_WARMUP = (
+    "Train the warmup with hf_less.LessCallback() in the Trainer's callbacks (it writes "
+    f"{STATE_FILE} and {MOMENTS_FILE} into every checkpoint-N/ the Trainer saves), or use "
+    "LessSFTTrainer, which runs the warmup itself."
+)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_less_state(
+    checkpoint_dir: str | os.PathLike,
+    moments: AdamMoments,
+    keys: list[str],
+    mean_lr: float,
+    global_step: int,
+    lr_steps: int,
+    optimizer: str,
+) -> None:
+    """Write the moments and the JSON state into ``checkpoint_dir`` (atomically, moments first)."""
+    d = Path(checkpoint_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for k in keys:
+        tensors[f"exp_avg.{k}"] = moments.exp_avg[k].detach().to("cpu", torch.float32).contiguous()
+        tensors[f"exp_avg_sq.{k}"] = moments.exp_avg_sq[k].detach().to("cpu", torch.float32).contiguous()
+    atomic_write_bytes(d / MOMENTS_FILE, safetensors_bytes(tensors))
+    atomic_write_json(d / STATE_FILE, {
+        "format_version": FORMAT_VERSION,
+        "global_step": int(global_step),
+        "mean_lr": float(mean_lr),
+        "lr_steps": int(lr_steps),
+        "betas": [float(b) for b in moments.betas],
+        "eps": float(moments.eps),
+        "optimizer": optimizer,
+        "parameters": list(keys),
+    })
+
+
+def load_moments(checkpoint_dir: str | os.PathLike) -> AdamMoments:
+    """Read a checkpoint's Adam moments (float32, CPU)."""
+    d = Path(checkpoint_dir)
+    state = json.loads((d / STATE_FILE).read_text())
+    tensors = load_file(str(d / MOMENTS_FILE))
+    m = {k: tensors[f"exp_avg.{k}"] for k in state["parameters"]}
+    v = {k: tensors[f"exp_avg_sq.{k}"] for k in state["parameters"]}
+    return AdamMoments(m, v, tuple(state["betas"]), float(state["eps"]))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class LessCheckpoint:
+    """One warmup checkpoint: its directory, step, mean LR and LESS weight ``w_i``."""
+
+    path: Path
+    step: int
+    mean_lr: float
+    weight: float = 0.0
+    state: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def digest(self) -> str:
+        """A content hash of the adapter weights and the LESS state (identifies the checkpoint)."""
+        parts = [_file_digest(self.path / MOMENTS_FILE), _file_digest(self.path / STATE_FILE)]
+        adapter = self.path / "adapter_model.safetensors"
+        if adapter.exists():
+            parts.append(_file_digest(adapter))
+        return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
+
+    def moments(self) -> AdamMoments:
+        return load_moments(self.path)
+
+
+def checkpoint_weights(mean_lrs: list[float]) -> list[float]:
+    """``w_i = lr_i / sum_j lr_j`` (LESS weights checkpoints by their mean learning rate)."""
+    total = float(sum(mean_lrs))
+    if not total > 0:
+        raise ValueError(f"Checkpoint learning rates {mean_lrs} do not sum to a positive number.")
+    return [float(lr) / total for lr in mean_lrs]
+
+
+def find_checkpoints(warmup_dir: str | os.PathLike, steps: list[int] | None = None) -> list[LessCheckpoint]:
+    """The LESS checkpoints under ``warmup_dir`` (``checkpoint-N/``), by step, with weights.
+
+    ``warmup_dir`` may also be a single checkpoint directory. ``steps`` keeps only those steps.
+    """
+    root = Path(warmup_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Warmup directory {str(root)!r} does not exist. {HOW_TO_WARMUP}")
+    if (root / STATE_FILE).exists():
+        dirs = [root]
+    else:
+        dirs = sorted((p for p in root.iterdir() if p.is_dir() and _CKPT_RE.match(p.name)),
+                      key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
+    if not dirs:
+        raise FileNotFoundError(f"No checkpoint-N/ directories in {str(root)!r}. {HOW_TO_WARMUP}")
+    missing = [p.name for p in dirs if not (p / STATE_FILE).exists() or not (p / MOMENTS_FILE).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"Checkpoints {missing} in {str(root)!r} have no LESS state ({STATE_FILE}, {MOMENTS_FILE}). "
+            + HOW_TO_WARMUP)
+    ckpts = []
+    for p in dirs:
+        state = json.loads((p / STATE_FILE).read_text())
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{p / STATE_FILE} has format_version {state.get('format_version')}, "
+                             f"this hf-less reads {FORMAT_VERSION}; re-run the warmup.")
+        ckpts.append(LessCheckpoint(p, int(state["global_step"]), float(state["mean_lr"]), state=state))
+    if steps is not None:
+        have = {c.step for c in ckpts}
+        if set(steps) - have:
+            raise ValueError(f"Checkpoint steps {sorted(set(steps) - have)} not found; available: {sorted(have)}.")
+        ckpts = [c for c in ckpts if c.step in set(steps)]
+    for c, w in zip(ckpts, checkpoint_weights([c.mean_lr for c in ckpts])):
+        c.weight = w
+    return ckpts
