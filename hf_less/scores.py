@@ -1,0 +1,61 @@
+"""LESS scores: checkpoint-weighted cosine similarity, aggregated over target subtasks.
+
+With ``Gamma_i(z)`` the pool features and ``g_i(t)`` the target features at checkpoint i::
+
+    sim_i(z, t) = cos(Gamma_i(z), g_i(t))
+    S(z, t)     = sum_i w_i * sim_i(z, t)                       ("less_sims")
+    score(z)    = max_j mean_{t in subtask j} S(z, t)             ("less_score")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Row-wise L2 normalisation ``(N, d) -> (N, d)`` (removes LESS's short-sequence bias)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def weighted_sims(pool: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``S = sum_i w_i cos(pool_i, targets_i)``.
+
+    Args:
+        pool: per checkpoint, ``(B, d)`` features of pool examples (any norm).
+        targets: per checkpoint, ``(T, d)`` features of target examples (any norm).
+        weights: per checkpoint, ``w_i``.
+    Returns:
+        ``(B, T)`` float32 ``less_sims``.
+    """
+    if not (len(pool) == len(targets) == len(weights)) or not pool:
+        raise ValueError("pool, targets and weights need one entry per checkpoint.")
+    out = None
+    for p, t, w in zip(pool, targets, weights):
+        s = normalize(p.float()) @ normalize(t.float().to(p.device)).T * float(w)
+        out = s if out is None else out + s
+    return out
+
+
+def subtask_index(subtasks: Sequence | None, n_targets: int) -> tuple[torch.Tensor, list]:
+    """Map per-target subtask labels to ``(ids (T,), names)``; ``None`` means one subtask."""
+    if subtasks is None:
+        return torch.zeros(n_targets, dtype=torch.long), ["all"]
+    if len(subtasks) != n_targets:
+        raise ValueError(f"{len(subtasks)} subtask labels for {n_targets} target examples.")
+    names = list(dict.fromkeys(subtasks))
+    pos = {n: i for i, n in enumerate(names)}
+    return torch.tensor([pos[s] for s in subtasks], dtype=torch.long), names
+
+
+def less_score(sims: torch.Tensor, subtask_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, T) -> (B,)``: mean over each subtask's targets, then max over subtasks."""
+    if subtask_ids is None:
+        return sims.mean(1)
+    subtask_ids = subtask_ids.to(sims.device)
+    k = int(subtask_ids.max()) + 1
+    sums = torch.zeros((sims.shape[0], k), dtype=sims.dtype, device=sims.device)
+    sums.index_add_(1, subtask_ids, sims)
+    counts = torch.bincount(subtask_ids, minlength=k).to(sims.dtype)
+    return (sums / counts).max(1).values
