@@ -66,7 +66,7 @@ def main():
     base, _ = load_model_and_tokenizer()
     selector = LessSelector(base, f"{args.output_dir}/warmup", targets.remove_columns("task"), tokenizer=tokenizer,
                             proj_dim=args.proj_dim, max_length=128, batch_size=8)
-    scored = pool.map(selector, batched=True, batch_size=16, desc="LESS scores")
+    scored = pool.map(selector, batched=True, batch_size=40, desc="LESS scores")
 
     # 3. select 10% by LESS and at random; compare the target task's share.
     less = selector.select(scored, budget=0.1, strategy="topk")

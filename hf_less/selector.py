@@ -78,6 +78,8 @@ class LessSelector:
             is then the max over subtasks of the mean similarity within the subtask.
         checkpoints: warmup steps to use (default: all).
         device: where to compute (default: the model's device).
+        projection_buffer_bytes: memory for exact features buffered before one projection
+            (the random matrix is generated once per buffer, so larger is faster).
 
     Example:
         >>> selector = LessSelector(base_model, "warmup", targets, tokenizer=tok, proj_dim=8192)
@@ -101,7 +103,9 @@ class LessSelector:
         checkpoints: Sequence[int] | None = None,
         device: str | torch.device | None = None,
         show_progress: bool = True,
+        projection_buffer_bytes: int = 2**30,
     ):
+        self.projection_buffer_bytes = int(projection_buffer_bytes)
         self.checkpoints: list[LessCheckpoint] = find_checkpoints(warmup_dir, checkpoints)
         self.warmup_dir = Path(warmup_dir)
         if isinstance(model, (str, os.PathLike)):
@@ -198,13 +202,31 @@ class LessSelector:
         side = getattr(self.tokenizer, "padding_side", "right") or "right"
         bar = tqdm(total=len(encoded), desc=f"{desc} (step {self.checkpoints[i].step})", unit="ex",
                    disable=not (self.show_progress and desc))
+        moments = self._moments[i] if adam else None
+        # Generating the random matrix costs P x d whatever the batch, so exact features of
+        # several micro-batches are buffered (within projection_buffer_bytes) and projected at
+        # once; when not even one micro-batch fits, each parameter is projected as it is formed.
+        per_row = 4 * self.grads.dim
+        buffered = self.projector is not None and self.batch_size * per_row <= self.projection_buffer_bytes
+        pending: list[tuple[list[int], torch.Tensor]] = []
+
+        def flush():
+            if pending:
+                rows = [j for idx, _ in pending for j in idx]
+                out[rows] = normalize(self.projector(torch.cat([f for _, f in pending]))).cpu()
+                pending.clear()
+
         with eval_mode(self.model):
             for idx in groups:
                 batch = {k: v.to(self.device) for k, v in collate([encoded[j] for j in idx], pad, side).items()}
-                feats = gradient_features(self.grads, batch, self.projector,
-                                          self._moments[i] if adam else None)
-                out[idx] = normalize(feats).cpu()
+                if buffered:
+                    if (sum(len(g) for g, _ in pending) + len(idx)) * per_row > self.projection_buffer_bytes:
+                        flush()
+                    pending.append((idx, gradient_features(self.grads, batch, None, moments)))
+                else:
+                    out[idx] = normalize(gradient_features(self.grads, batch, self.projector, moments)).cpu()
                 bar.update(len(idx))
+            flush()
         bar.close()
         return out
 

@@ -176,3 +176,13 @@ def test_bad_inputs(tokenizer, warmup, pool, targets):
             selector.select(scored, bad)
     with pytest.raises(ValueError, match="Unknown selection strategy"):
         selector.select(scored, 2, strategy="nope")
+
+
+def test_buffered_and_per_parameter_projection_agree(tokenizer, warmup, pool, targets):
+    mk = lambda nbytes: LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer,
+                                     proj_dim=128, batch_size=3, show_progress=False,
+                                     projection_buffer_bytes=nbytes)
+    buffered, streamed = mk(2**30), mk(1)
+    a = np.array(pool.map(buffered, batched=True, batch_size=12)["less_sims"])
+    b = np.array(pool.map(streamed, batched=True, batch_size=12)["less_sims"])
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
