@@ -186,3 +186,21 @@ def test_buffered_and_per_parameter_projection_agree(tokenizer, warmup, pool, ta
     a = np.array(pool.map(buffered, batched=True, batch_size=12)["less_sims"])
     b = np.array(pool.map(streamed, batched=True, batch_size=12)["less_sims"])
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_every_dataset_format_scores(tokenizer, warmup, pool, targets):
+    from hf_less.data import encode_batch
+
+    selector = LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer, proj_dim=64,
+                            show_progress=False)
+    base = np.array(pool.map(selector, batched=True)["less_sims"])
+    enc = encode_batch(pool.to_dict(), tokenizer)
+    tokenized = Dataset.from_dict({"input_ids": [e[0] for e in enc], "labels": [e[1] for e in enc]})
+    np.testing.assert_allclose(np.array(tokenized.map(selector, batched=True)["less_sims"]), base,
+                               rtol=1e-4, atol=1e-5)
+    messages = Dataset.from_dict({"messages": [[{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+                                               for p, c in zip(pool["prompt"], pool["completion"])]})
+    text = Dataset.from_dict({"text": [p + c for p, c in zip(pool["prompt"], pool["completion"])]})
+    for ds in (messages, text):
+        sims = np.array(ds.map(selector, batched=True)["less_sims"])
+        assert sims.shape == base.shape and np.isfinite(sims).all() and np.abs(sims).max() <= 1 + 1e-5
