@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import selectors
+from .callback import adapter_name_of
 from .checkpoints import LessCheckpoint, find_checkpoints
 from .data import EmptyCompletionError, collate, detect_format, encode_batch, pad_token_id
 from .features import PerExampleGradients, batch_order, eval_mode, gradient_features
@@ -166,8 +167,6 @@ class LessSelector:
 
     @property
     def _adapter_name(self) -> str | None:
-        from .callback import adapter_name_of
-
         return adapter_name_of(self.model)
 
     def _adapter_state(self, ckpt: LessCheckpoint) -> dict[str, torch.Tensor]:
