@@ -43,6 +43,12 @@ def targets():
     return Dataset.from_list(rows)
 
 
+def make_selector(tokenizer, warmup, targets, seed=0, **kw):
+    """A selector over a fresh tiny base model (``seed`` picks the base weights)."""
+    kw.setdefault("show_progress", False)
+    return LessSelector(make_model(len(tokenizer), seed=seed), warmup, targets, tokenizer=tokenizer, **kw)
+
+
 def reference_sims(tokenizer, warmup, pool_rows, target_rows, proj_dim):
     """Naive LESS: one example at a time, checkpoint by checkpoint, straight from the paper."""
     from hf_less.data import encode_batch
@@ -73,8 +79,7 @@ def reference_sims(tokenizer, warmup, pool_rows, target_rows, proj_dim):
 
 @pytest.mark.parametrize("proj_dim", [None, 256])
 def test_map_equals_naive_less(tokenizer, warmup, pool, targets, proj_dim):
-    selector = LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer, proj_dim=proj_dim,
-                            batch_size=4, show_progress=False)
+    selector = make_selector(tokenizer, warmup, targets, proj_dim=proj_dim, batch_size=4)
     scored = pool.map(selector, batched=True, batch_size=5)
     ref = reference_sims(tokenizer, warmup, list(pool), list(targets), proj_dim)
     sims = torch.tensor(scored["less_sims"])
@@ -84,16 +89,14 @@ def test_map_equals_naive_less(tokenizer, warmup, pool, targets, proj_dim):
 
 
 def test_map_does_not_depend_on_batch_size(tokenizer, warmup, pool, targets):
-    selector = LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer, proj_dim=128,
-                            show_progress=False)
+    selector = make_selector(tokenizer, warmup, targets, proj_dim=128)
     a = np.array(pool.map(selector, batched=True, batch_size=1)["less_sims"])
     b = np.array(pool.map(selector, batched=True, batch_size=7)["less_sims"])
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_target_task_ranks_first(tokenizer, warmup, pool, targets):
-    selector = LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer, proj_dim=512,
-                            show_progress=False)
+    selector = make_selector(tokenizer, warmup, targets, proj_dim=512)
     scored = pool.map(selector, batched=True, batch_size=4)
     n_math = sum(t == "math" for t in pool["task"])
     chosen = selector.select(scored, budget=n_math)
@@ -109,8 +112,7 @@ def test_target_task_ranks_first(tokenizer, warmup, pool, targets):
 def test_subtasks_take_max_of_means(tokenizer, warmup, pool):
     rows = toy_tasks(2, seed=5)
     targets = Dataset.from_list(rows)
-    selector = LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer, proj_dim=64,
-                            subtask_column="task", show_progress=False)
+    selector = make_selector(tokenizer, warmup, targets, proj_dim=64, subtask_column="task")
     scored = pool.map(selector, batched=True, batch_size=6)
     sims = np.array(scored["less_sims"])
     tasks = np.array(targets["task"])
@@ -119,8 +121,7 @@ def test_subtasks_take_max_of_means(tokenizer, warmup, pool):
 
 
 def test_datasets_fingerprint_tracks_targets_and_warmup(tokenizer, warmup, pool, targets, tmp_path):
-    mk = lambda t, **kw: LessSelector(make_model(len(tokenizer)), warmup, t, tokenizer=tokenizer, proj_dim=64,
-                                      show_progress=False, **kw)
+    mk = lambda t, **kw: make_selector(tokenizer, warmup, t, proj_dim=64, **kw)
     a, b = mk(targets), mk(targets)
     other_targets = mk(Dataset.from_list([r for r in toy_tasks(3, seed=9) if r["task"] == "reverse"]))
     other_ckpts = mk(targets, checkpoints=[min(int(p.name.split("-")[1]) for p in warmup.glob("checkpoint-*"))])
@@ -140,8 +141,7 @@ def test_datasets_fingerprint_tracks_targets_and_warmup(tokenizer, warmup, pool,
 
 
 def test_store_scores_equal_map(tokenizer, warmup, pool, targets, tmp_path):
-    selector = LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer, proj_dim=128,
-                            show_progress=False)
+    selector = make_selector(tokenizer, warmup, targets, proj_dim=128)
     store = selector.featurize(pool, tmp_path / "store", shard_rows=5)
     assert store.complete and store.num_rows == len(pool) and len(store.manifest["shards"]) == 3
     store.verify()
@@ -149,25 +149,22 @@ def test_store_scores_equal_map(tokenizer, warmup, pool, targets, tmp_path):
     scored = pool.map(selector, batched=True)
     np.testing.assert_allclose(sims, np.array(scored["less_sims"]), atol=2e-3)  # float16 store
     np.testing.assert_allclose(scores, scored["less_score"], atol=2e-3)
-    other = LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer, proj_dim=64,
-                         show_progress=False)
+    other = make_selector(tokenizer, warmup, targets, proj_dim=64)
     with pytest.raises(IncompatibleFeaturesError, match="projection"):
         other.score_store(store)
-    other_model = LessSelector(make_model(len(tokenizer), seed=7), warmup, targets, tokenizer=tokenizer,
-                               proj_dim=128, show_progress=False)
+    other_model = make_selector(tokenizer, warmup, targets, seed=7, proj_dim=128)
     with pytest.raises(IncompatibleFeaturesError, match="model"):
         other_model.score_store(store)
 
 
 def test_bad_inputs(tokenizer, warmup, pool, targets):
     with pytest.raises(ValueError, match="targets is empty"):
-        LessSelector(make_model(len(tokenizer)), warmup, [], tokenizer=tokenizer)
+        make_selector(tokenizer, warmup, [])
     with pytest.raises(ValueError, match="Unrecognised dataset format"):
-        LessSelector(make_model(len(tokenizer)), warmup, [{"question": "q"}], tokenizer=tokenizer)
+        make_selector(tokenizer, warmup, [{"question": "q"}])
     with pytest.raises(ValueError, match="subtask_column='nope'"):
-        LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer, subtask_column="nope")
-    selector = LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer, proj_dim=32,
-                            show_progress=False)
+        make_selector(tokenizer, warmup, targets, subtask_column="nope")
+    selector = make_selector(tokenizer, warmup, targets, proj_dim=32)
     with pytest.raises(ValueError, match="no 'less_score' column.*map"):
         selector.select(pool, 3)
     scored = pool.map(selector, batched=True)
@@ -179,9 +176,8 @@ def test_bad_inputs(tokenizer, warmup, pool, targets):
 
 
 def test_buffered_and_per_parameter_projection_agree(tokenizer, warmup, pool, targets):
-    mk = lambda nbytes: LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer,
-                                     proj_dim=128, batch_size=3, show_progress=False,
-                                     projection_buffer_bytes=nbytes)
+    mk = lambda nbytes: make_selector(tokenizer, warmup, targets, proj_dim=128, batch_size=3,
+                                      projection_buffer_bytes=nbytes)
     buffered, streamed = mk(2**30), mk(1)
     a = np.array(pool.map(buffered, batched=True, batch_size=12)["less_sims"])
     b = np.array(pool.map(streamed, batched=True, batch_size=12)["less_sims"])
@@ -191,8 +187,7 @@ def test_buffered_and_per_parameter_projection_agree(tokenizer, warmup, pool, ta
 def test_every_dataset_format_scores(tokenizer, warmup, pool, targets):
     from hf_less.data import encode_batch
 
-    selector = LessSelector(make_model(len(tokenizer)), warmup, targets, tokenizer=tokenizer, proj_dim=64,
-                            show_progress=False)
+    selector = make_selector(tokenizer, warmup, targets, proj_dim=64)
     base = np.array(pool.map(selector, batched=True)["less_sims"])
     enc = encode_batch(pool.to_dict(), tokenizer)
     tokenized = Dataset.from_dict({"input_ids": [e[0] for e in enc], "labels": [e[1] for e in enc]})
