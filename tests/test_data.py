@@ -1,7 +1,6 @@
 """Dataset formats -> (input_ids, labels) with prompt tokens masked."""
 
 import pytest
-import torch
 
 from hf_less.data import (IGNORE_INDEX, EmptyCompletionError, collate, detect_format, encode_batch,
                           n_scored, tokenize_example)

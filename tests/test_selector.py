@@ -1,7 +1,6 @@
 """LessSelector end to end: map + select against an independent per-example computation."""
 
 import json
-import math
 
 import numpy as np
 import pytest
