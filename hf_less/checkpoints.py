@@ -7,7 +7,9 @@
   parameter, ``<key>`` the parameter's name without the adapter segment (the key format of
   ``adapter_model.safetensors``), so the state does not depend on optimizer indices;
 - ``less_state.json``: betas, eps, the mean learning rate over the optimizer steps since the
-  previous checkpoint, the global step, and the parameter keys in order.
+  previous checkpoint, the global step, and the parameter keys in order;
+- ``less_features/pool`` and ``less_features/targets``: feature stores (see
+  :mod:`hf_less.store`) captured by ``LessCallback(pool=..., targets=...)`` at this checkpoint.
 
 The checkpoint weight of LESS is ``w_i = mean_lr_i / sum_j mean_lr_j``.
 """
@@ -30,6 +32,7 @@ from .features import AdamMoments
 
 STATE_FILE = "less_state.json"
 MOMENTS_FILE = "less_moments.safetensors"
+CAPTURE_DIR = "less_features"
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -99,12 +102,17 @@ def load_moments(checkpoint_dir: str | os.PathLike) -> AdamMoments:
     return AdamMoments(m, v, tuple(state["betas"]), float(state["eps"]))
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    return file_sha256(path)[:16]
 
 
 @dataclass
@@ -128,6 +136,16 @@ class LessCheckpoint:
 
     def moments(self) -> AdamMoments:
         return load_moments(self.path)
+
+    def captured(self, which: str) -> Path:
+        """Where ``LessCallback`` captures this checkpoint's ``"pool"`` or ``"targets"`` features."""
+        return captured_dir(self.path, which)
+
+
+def captured_dir(checkpoint_dir: str | os.PathLike, which: str) -> Path:
+    if which not in ("pool", "targets"):
+        raise ValueError(f"Captured features are 'pool' or 'targets', not {which!r}.")
+    return Path(checkpoint_dir) / CAPTURE_DIR / which
 
 
 def checkpoint_weights(mean_lrs: list[float]) -> list[float]:

@@ -28,8 +28,15 @@ _FORMAT_HELP = (
 )
 
 
+ON_EMPTY_COMPLETION = ("error", "skip")
+
+
 class EmptyCompletionError(ValueError):
     """An example has no scored (completion) token left, e.g. after truncation."""
+
+
+class DatasetFormatError(ValueError):
+    """An example's columns hold values of the wrong type or shape for its format."""
 
 
 def detect_format(column_names: Sequence[str]) -> str:
@@ -49,8 +56,12 @@ def detect_format(column_names: Sequence[str]) -> str:
 
 
 def pad_token_id(tokenizer) -> int:
-    """The id used for padding: the tokenizer's pad token, else EOS, else 0."""
-    # The pad value never reaches the loss (it is masked), so any valid id is correct.
+    """The id used for padding: the tokenizer's pad token, else EOS, else 0 (a documented fallback).
+
+    A tokenizer without a pad token is not an error here: padded positions are masked out of
+    attention and carry label -100, so the pad id never reaches a loss, a gradient or a feature
+    (``tests/test_reliability.py`` checks that features are bit-identical whatever the pad id).
+    """
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
@@ -89,7 +100,7 @@ def _with_eos(tokenizer, ids: list[int]) -> list[int]:
 def _prefix_masked(tokenizer, prompt_ids: list[int], full_ids: list[int]) -> tuple[list[int], list[int]]:
     n = len(prompt_ids)
     if full_ids[:n] != prompt_ids:
-        raise ValueError(
+        raise DatasetFormatError(
             "The tokenized prompt is not a prefix of the tokenized prompt + completion (the "
             "tokenizer merges tokens across the boundary or the chat template rewrites earlier "
             "turns). Pre-tokenize the examples and pass 'input_ids' + 'labels' instead."
@@ -97,32 +108,79 @@ def _prefix_masked(tokenizer, prompt_ids: list[int], full_ids: list[int]) -> tup
     return full_ids, [IGNORE_INDEX] * n + full_ids[n:]
 
 
+def _int_list(value: Any, column: str) -> list[int]:
+    if isinstance(value, (str, bytes)) or not (isinstance(value, Sequence) or hasattr(value, "tolist")):
+        raise DatasetFormatError(f"'{column}' must be a list of token ids, got {type(value).__name__}.")
+    value = value.tolist() if hasattr(value, "tolist") else list(value)
+    try:
+        ids = [int(t) for t in value]
+    except (TypeError, ValueError, OverflowError):
+        raise DatasetFormatError(f"'{column}' must hold integer token ids, got {value[:5]!r}...") from None
+    if column == "input_ids" and any(t < 0 for t in ids):
+        raise DatasetFormatError(f"'input_ids' holds negative ids {[t for t in ids if t < 0][:5]}: token ids "
+                                 "are >= 0 (use -100 in 'labels', not in 'input_ids', to leave a token unscored).")
+    return ids
+
+
+def _messages(value: Any, column: str) -> list:
+    """Check a conversational column: a list of ``{"role": str, "content": str}``."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise DatasetFormatError(f"'{column}' must be a list of {{'role', 'content'}} messages, got "
+                                 f"{type(value).__name__}.")
+    for j, msg in enumerate(value):
+        if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+            raise DatasetFormatError(
+                f"Message {j} of '{column}' must be a dict with string 'role' and 'content' keys, got {msg!r}. "
+                "Map your messages to [{'role': 'user'|'assistant'|'system', 'content': '...'}, ...].")
+    return list(value)
+
+
+def _text(value: Any, column: str) -> str:
+    if not isinstance(value, str):
+        raise DatasetFormatError(f"'{column}' must be a string, got {type(value).__name__} ({value!r:.60}); "
+                                 "fill or drop missing values (dataset.filter) before scoring.")
+    return value
+
+
 def tokenize_example(example: Mapping[str, Any], tokenizer, fmt: str) -> tuple[list[int], list[int]]:
     """One example to ``(input_ids, labels)`` (labels aligned with ids, not shifted).
 
-    No truncation here: :func:`truncate` applies ``max_length`` afterwards.
+    No truncation here: :func:`truncate` applies ``max_length`` afterwards. A value of the wrong
+    type or shape raises :class:`DatasetFormatError` naming the column.
     """
     if fmt == "tokenized":
-        ids = [int(t) for t in example["input_ids"]]
+        ids = _int_list(example["input_ids"], "input_ids")
         if example.get("labels") is not None:
-            labels = [int(t) for t in example["labels"]]
+            labels = _int_list(example["labels"], "labels")
         elif example.get("completion_mask") is not None:
-            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, example["completion_mask"])]
+            mask = _int_list(example["completion_mask"], "completion_mask")
+            if len(mask) != len(ids):
+                raise DatasetFormatError(f"'completion_mask' has length {len(mask)}, 'input_ids' {len(ids)}: "
+                                         "they must be aligned token by token.")
+            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
         else:
             labels = list(ids)
         if len(labels) != len(ids):
-            raise ValueError(f"'labels'/'completion_mask' has length {len(labels)}, 'input_ids' {len(ids)}.")
+            raise DatasetFormatError(f"'labels'/'completion_mask' has length {len(labels)}, 'input_ids' {len(ids)}: "
+                                     "they must be aligned token by token.")
         return ids, labels
     if tokenizer is None:
         raise ValueError(f"A tokenizer is needed for {fmt!r} examples; pass tokenizer=... .")
     if fmt == "text":
-        ids = _ids(tokenizer(example["text"], add_special_tokens=True)["input_ids"])
+        ids = _ids(tokenizer(_text(example["text"], "text"), add_special_tokens=True)["input_ids"])
         ids = _with_eos(tokenizer, ids)
         return ids, list(ids)
     if fmt == "prompt_completion":
         prompt, completion = example["prompt"], example["completion"]
         if isinstance(prompt, str) != isinstance(completion, str):
-            raise ValueError("'prompt' and 'completion' must both be strings or both be message lists.")
+            raise DatasetFormatError("'prompt' and 'completion' must both be strings or both be message lists, "
+                                     f"got {type(prompt).__name__} and {type(completion).__name__}.")
+        if not isinstance(prompt, str):
+            prompt, completion = _messages(prompt, "prompt"), _messages(completion, "completion")
+            if not completion or completion[0]["role"] != "assistant":
+                raise DatasetFormatError(
+                    "A conversational 'completion' must start with an assistant message (it is the reply to "
+                    f"'prompt'), got {completion[:1]!r}. Move other turns into 'prompt', or use a 'messages' column.")
         if isinstance(prompt, str):
             prompt_ids = _ids(tokenizer(prompt, add_special_tokens=True)["input_ids"])
             full_ids = _ids(tokenizer(prompt + completion, add_special_tokens=True)["input_ids"])
@@ -131,7 +189,7 @@ def tokenize_example(example: Mapping[str, Any], tokenizer, fmt: str) -> tuple[l
         full_ids = _chat_ids(tokenizer, list(prompt) + list(completion))
         return _prefix_masked(tokenizer, prompt_ids, full_ids)
     if fmt == "messages":
-        messages = list(example["messages"])
+        messages = _messages(example["messages"], "messages")
         full_ids = _chat_ids(tokenizer, messages)
         labels = [IGNORE_INDEX] * len(full_ids)
         # Score every assistant turn: the tokens between the generation prompt that opens it
@@ -139,10 +197,15 @@ def tokenize_example(example: Mapping[str, Any], tokenizer, fmt: str) -> tuple[l
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
+            if i == 0:  # transformers cannot render the generation prompt of an empty conversation
+                raise DatasetFormatError(
+                    "'messages' starts with an assistant turn, so there is no prompt to locate its reply "
+                    "after. Add the turn that prompts it (a user or system message), or pre-tokenize and pass "
+                    "'input_ids' + 'labels'.")
             opening = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
             start, end = len(opening), len(_chat_ids(tokenizer, messages[: i + 1]))
             if full_ids[:start] != opening:
-                raise ValueError(
+                raise DatasetFormatError(
                     "The chat template does not render conversations prefix-consistently, so "
                     "assistant turns cannot be located; pre-tokenize and pass 'input_ids' + 'labels'."
                 )
@@ -163,30 +226,60 @@ def n_scored(labels: Sequence[int]) -> int:
     return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
 
 
+def check_on_empty(on_empty: str) -> str:
+    if on_empty not in ON_EMPTY_COMPLETION:
+        raise ValueError(f"on_empty_completion={on_empty!r}: use 'error' (stop and name the example) or "
+                         "'skip' (score it -inf: never selected).")
+    return on_empty
+
+
 def encode_batch(
     batch: Mapping[str, Sequence[Any]],
     tokenizer,
     max_length: int | None = None,
     fmt: str | None = None,
+    on_empty: str = "error",
 ) -> list[tuple[list[int], list[int]]]:
     """Tokenize a ``datasets`` batch (dict of columns) to a list of ``(input_ids, labels)``.
 
-    Raises :class:`EmptyCompletionError` naming the row if an example has no scored token.
+    An example with no scored token (no completion, or none left after truncation to
+    ``max_length``) raises :class:`EmptyCompletionError` naming the row, or with
+    ``on_empty="skip"`` is returned as it is: callers find it with :func:`n_scored` and give it
+    no features (``LessSelector`` scores it ``-inf``, never selected). A value of the wrong
+    type raises :class:`DatasetFormatError` naming the row and the column.
     """
+    check_on_empty(on_empty)
     fmt = fmt or detect_format(list(batch.keys()))
-    n = len(next(iter(batch.values())))
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown format {fmt!r}; expected one of {FORMATS}.")
+    n = len(next(iter(batch.values()))) if batch else 0
     out = []
     for i in range(n):
         example = {k: v[i] for k, v in batch.items()}
-        ids, labels = truncate(*tokenize_example(example, tokenizer, fmt), max_length)
-        if n_scored(labels) == 0:
+        try:
+            full = tokenize_example(example, tokenizer, fmt)
+        except DatasetFormatError as e:
+            raise DatasetFormatError(f"Example {i} of this batch: {e}") from None
+        ids, labels = truncate(*full, max_length)
+        if n_scored(labels) == 0 and on_empty == "error":
+            if n_scored(full[1]) == 0:
+                why = (f"has no completion token to score at all ({len(ids)} tokens; an empty completion, "
+                       "no assistant turn, or labels all -100)")
+            else:
+                why = (f"has no completion token left to score after truncation to max_length={max_length} "
+                       f"(its prompt fills all {len(ids)} tokens)")
             raise EmptyCompletionError(
-                f"Example {i} of this batch has no completion token left to score "
-                f"({len(ids)} tokens after truncation to max_length={max_length}). Raise max_length, "
-                "shorten the prompt, or drop the example (dataset.filter) before scoring."
+                f"Example {i} of this batch {why}. Raise max_length, shorten the prompt, drop the example "
+                "(dataset.filter) before scoring, or pass on_empty_completion='skip' to score such examples "
+                "-inf (never selected)."
             )
         out.append((ids, labels))
     return out
+
+
+def empty_rows(encoded: Sequence[tuple[list[int], list[int]]]) -> list[int]:
+    """Indices of encoded examples without any scored token (kept by ``on_empty="skip"``)."""
+    return [i for i, (_, labels) in enumerate(encoded) if n_scored(labels) == 0]
 
 
 def collate(

@@ -109,22 +109,65 @@ def _accepts(model: nn.Module, arg: str) -> bool:
     return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], with_positions: bool) -> torch.Tensor:
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` positions t whose next token is scored in at least one example of the batch.
+
+    Args:
+        labels: ``(B, T)`` with ``-100`` on unscored tokens.
+    Returns:
+        Sorted indices into ``[0, T - 1)``: only the logits there enter any example's loss.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()
+
+
+def _forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], with_positions: bool,
+                  with_keep: bool = False) -> torch.Tensor:
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if with_positions:
         kwargs["position_ids"] = batch["position_ids"]
-    return per_example_loss(model(**kwargs).logits, batch["labels"])
+    labels = batch["labels"]
+    if not with_keep:
+        return per_example_loss(model(**kwargs).logits, labels)
+    # The LM head and the softmax only where a completion token is predicted: prompt positions
+    # carry no loss, and the vocabulary projection is a large share of a small model's flops.
+    keep = scored_positions(labels)
+    logits = model(**kwargs, logits_to_keep=keep).logits  # (B, K, V)
+    targets = labels[:, 1:][:, keep]
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    return ce.sum(1) / (targets != IGNORE_INDEX).sum(1)
+
+
+def autocast_context(device: torch.device, enabled: bool | None = None):
+    """bfloat16 autocast on CUDA (``enabled=None``: on when the GPU supports bfloat16), else a no-op.
+
+    On the CPU the forward stays in the model's dtype: there autocast is not faster, and exact
+    float32 gradients keep features equal to the naive loop.
+    """
+    if enabled is None:
+        enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class PerExampleGradients:
     """Per-example gradients of the trainable parameters of ``model``.
 
+    The batched path (LoRA ``nn.Linear`` layers) costs one forward and one backward of the
+    batch; per-example weight gradients are then ``grad W_b = sum_t delta_{b,t} x_{b,t}^T``
+    (for LoRA: ``grad B = s sum_t delta_t (A x_t)^T`` and ``grad A = s sum_t (B^T delta_t) x_t^T``,
+    the scale ``s`` and the ``B^T`` already inside the recorded output gradients), formed one
+    parameter at a time so memory is ``B x numel`` of the largest parameter, at any LoRA size.
+
     Args:
         model: a model (usually a ``peft.PeftModel``) whose trainable parameters are featurized.
         adapter_name: the PEFT adapter segment removed from parameter names to form keys.
+        autocast: bfloat16 autocast for the forward/backward; ``None`` = on CUDA only
+            (see :func:`autocast_context`).
     """
 
-    def __init__(self, model: nn.Module, adapter_name: str | None = "default"):
+    def __init__(self, model: nn.Module, adapter_name: str | None = "default", *, autocast: bool | None = None):
         self.model = model
         self.params = trainable_parameters(model)
         self.keys = [parameter_key(n, adapter_name) for n, _ in self.params]
@@ -143,6 +186,8 @@ class PerExampleGradients:
                 "Trainable parameters outside nn.Linear layers (%s...): per-example gradients "
                 "use the exact but slower one-example-at-a-time loop.", ", ".join(odd[:3]))
         self._with_positions = _accepts(model, "position_ids")
+        self._with_keep = _accepts(model, "logits_to_keep")
+        self.autocast = autocast
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(i, grad_i)`` for each trainable parameter i, ``grad_i`` of shape ``(B, numel_i)``.
@@ -163,12 +208,13 @@ class PerExampleGradients:
             records[module].append((inputs[0].detach(), output))
 
         handles = [m.register_forward_hook(hook) for m in modules]
+        device = batch["input_ids"].device
         try:
-            with torch.enable_grad():
-                losses = _forward_loss(self.model, batch, self._with_positions)
+            with torch.enable_grad(), autocast_context(device, self.autocast):
+                losses = _forward_loss(self.model, batch, self._with_positions, self._with_keep)
                 _check_losses(losses)
-                outputs = [out for m in modules for _, out in records[m]]
-                deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                records_out = [out for m in modules for _, out in records[m]]
+                deltas = torch.autograd.grad(losses.sum(), records_out, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
@@ -178,16 +224,27 @@ class PerExampleGradients:
         for m in modules:
             delta_of[m] = list(deltas[pos : pos + len(records[m])])
             pos += len(records[m])
+        # Keep inputs and output gradients only: the outputs (and their graph) can go now.
+        inputs = {m: [x for x, _ in records[m]] for m in modules}
+        del deltas, records_out
+        records.clear()
+        last_use = {m: i for i, (m, _) in enumerate(self._owners)}
         for i, (module, pname) in enumerate(self._owners):
-            grad = torch.zeros((B, *self.params[i][1].shape), device=batch["input_ids"].device)
-            for (x, _), delta in zip(records[module], delta_of[module]):
+            grad = None
+            for x, delta in zip(inputs[module], delta_of[module]):
                 if delta is None:
                     continue
-                d = delta.reshape(B, -1, delta.shape[-1]).float()
+                d = delta.reshape(B, -1, delta.shape[-1]).float()  # (B, T, out)
                 if pname == "weight":
-                    grad += torch.einsum("bto,bti->boi", d, x.reshape(B, -1, x.shape[-1]).float())
+                    # (B, out, in): one bmm per module call; padded tokens have delta = 0.
+                    g = torch.bmm(d.transpose(1, 2), x.reshape(B, -1, x.shape[-1]).float())
                 else:
-                    grad += d.sum(1)
+                    g = d.sum(1)
+                grad = g if grad is None else grad.add_(g)
+            if grad is None:  # the parameter does not touch the loss
+                grad = torch.zeros((B, *self.params[i][1].shape), device=device)
+            if last_use[module] == i:  # free this module's activations before the next parameter
+                del inputs[module], delta_of[module]
             yield i, grad.reshape(B, -1)
 
     def _looped(self, batch):
@@ -197,8 +254,8 @@ class PerExampleGradients:
         for b in range(B):
             keep = batch["attention_mask"][b].bool()
             one = {k: v[b : b + 1, keep] for k, v in batch.items()}
-            with torch.enable_grad():
-                loss = _forward_loss(self.model, one, self._with_positions)
+            with torch.enable_grad(), autocast_context(one["input_ids"].device, self.autocast):
+                loss = _forward_loss(self.model, one, self._with_positions, self._with_keep)
                 _check_losses(loss, offset=b)
                 grads = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
             for i, g in enumerate(grads):

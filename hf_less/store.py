@@ -5,45 +5,62 @@ Layout of a store directory::
     meta.json              what the features are: representation, model, checkpoints, projection, dtype
     manifest.json          the complete shards: rows and sha256 of every file (rewritten atomically)
     step-<N>/shard-<k>.npy (rows_k, d) array for checkpoint step N
+    keys/shard-<k>.npy     (rows_k, 16) uint8 content keys of the rows (when meta["keyed"])
 
 A shard is listed in the manifest only after its files are fsynced and renamed into place, so
-a store interrupted at any point is read (and resumed) up to its last complete shard. Reading is
-lazy: shards are ``np.load(mmap_mode="r")``-ed, so a pool larger than memory works.
+a store interrupted at any point (SIGKILL, power loss, a full disk) is read (and resumed) up to
+its last complete shard. Reopening an incomplete store to resume it (:meth:`FeatureStore.create`)
+also checks every listed shard against its checksum (a bad one and those after it are
+recomputed) and deletes what no manifest lists: leftover ``.*.tmp`` files and shard files
+renamed into place before the crash but never recorded. Reading is lazy: shards are
+``np.load(mmap_mode="r")``-ed, so a pool larger than memory works.
+
+Rows a featurization skipped (no completion token, ``on_empty_completion="skip"``) keep their
+place with zero features and are listed in their shard's ``"skipped"`` (row offsets in the shard).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import atomic_write_bytes, atomic_write_json
+from .checkpoints import atomic_write_bytes, atomic_write_json, file_sha256
+
+logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 STORE_VERSION = 1
 # What must agree between pool and target features for their cosines to mean anything.
 COMPATIBILITY_KEYS = ("model", "checkpoints", "projection", "dim")
+# Recorded in meta.json but not required to match on resume (a dataset's fingerprint may be random
+# in a new process: resumed rows are matched by their content keys instead).
+INFORMATIONAL_META = ("fingerprint",)
+_SHARD_RE = re.compile(r"^shard-\d+\.npy$")
 
 
 class IncompatibleFeaturesError(ValueError):
     """Two feature sets come from different models, checkpoints or projections."""
 
 
-def check_compatible(a: dict, b: dict, what: str = "pool and target features") -> None:
+def check_compatible(a: dict, b: dict, what: str = "pool and target features",
+                     keys: tuple[str, ...] = COMPATIBILITY_KEYS,
+                     fix: str = "Recompute both with the same model, warmup checkpoints and projection "
+                                "(kind, dimension, seed).") -> None:
     """Raise :class:`IncompatibleFeaturesError` naming every field where ``a`` and ``b`` differ."""
-    diffs = [k for k in COMPATIBILITY_KEYS if a.get(k) != b.get(k)]
+    diffs = [k for k in keys if a.get(k) != b.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diffs)
-        raise IncompatibleFeaturesError(
-            f"The {what} were computed differently ({detail}). Recompute both with the same model, "
-            "warmup checkpoints and projection (kind, dimension, seed)."
-        )
+        raise IncompatibleFeaturesError(f"The {what} were computed differently ({detail}). {fix}")
 
 
 class ShardedArray:
@@ -69,6 +86,19 @@ class ShardedArray:
             return np.zeros((0, self.shape[1]), dtype=self._parts[0].dtype if self._parts else np.float32)
         return np.concatenate(out)
 
+    def take(self, rows: np.ndarray | list[int]) -> np.ndarray:
+        """The given rows (any order, repeats allowed) as an in-memory array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        dtype = self._parts[0].dtype if self._parts else np.float32
+        out = np.empty((len(rows), self.shape[1]), dtype=dtype)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"Rows out of range for a store of {len(self)} rows.")
+        part_of = np.searchsorted(self._starts, rows, side="right") - 1
+        for p in np.unique(part_of):
+            sel = part_of == p
+            out[sel] = self._parts[p][rows[sel] - self._starts[p]]
+        return out
+
     def chunks(self, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         for start in range(0, len(self), rows):
             yield start, self.read(start, min(len(self), start + rows))
@@ -76,6 +106,22 @@ class ShardedArray:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+
+
+def _disk_full_hint(write, *args, where: str, store: "FeatureStore | None" = None, **kwargs):
+    """Call ``write``; a full disk becomes an ``OSError(ENOSPC)`` that says what is kept and what to do."""
+    try:
+        return write(*args, **kwargs)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = "" if store is None else (f" The store keeps its {store.num_rows} rows in complete shards; "
+                                          "nothing half-written is listed.")
+        raise OSError(e.errno, f"No space left on the device while {where}.{kept} Free some space (or "
+                               "choose another directory) and run the same call again: it resumes from the "
+                               "last complete shard.") from e
 
 
 class FeatureStore:
@@ -92,19 +138,61 @@ class FeatureStore:
 
     @classmethod
     def create(cls, root: str | os.PathLike, meta: dict) -> "FeatureStore":
-        """Create a store, or reopen one with the same ``meta`` to resume it."""
+        """Create a store, or reopen one with the same ``meta`` to resume it.
+
+        A reopened incomplete store is first made consistent (see the module docstring), so
+        writing continues after its last complete, checksum-verified shard.
+        """
         root = Path(root)
         meta = {"store_version": STORE_VERSION, **meta}
         if (root / META_FILE).exists():
             existing = json.loads((root / META_FILE).read_text())
-            if existing != json.loads(json.dumps(meta)):
+            wanted = json.loads(json.dumps(meta))
+            diffs = sorted(k for k in set(existing) | set(wanted)
+                           if k not in INFORMATIONAL_META and existing.get(k) != wanted.get(k))
+            if diffs:
                 raise IncompatibleFeaturesError(
-                    f"{str(root)!r} already holds features computed with other settings; use another "
-                    "directory or delete it to recompute.")
-            return cls(root)
+                    f"{str(root)!r} already holds features computed with other settings (they differ in "
+                    f"{', '.join(diffs)}); use another directory, or delete this one to recompute.")
+            store = cls(root)
+            if not store.complete:
+                store._recover()
+            return store
+        created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(root / META_FILE, meta)
+        try:
+            _disk_full_hint(atomic_write_json, root / META_FILE, meta, where=f"creating the store {str(root)!r}")
+        except BaseException:
+            if created and not any(root.iterdir()):
+                root.rmdir()  # leave nothing behind
+            raise
         return cls(root)
+
+    def _recover(self) -> None:
+        """Keep the manifest's shards up to the first missing or corrupt one; delete unlisted files."""
+        good = []
+        for i, s in enumerate(self.manifest["shards"]):
+            files = [*s["files"].values(), *([s["keys"]] if "keys" in s else [])]
+            bad = [f["name"] for f in files
+                   if not (self.root / f["name"]).is_file() or file_sha256(self.root / f["name"]) != f["sha256"]]
+            if bad:
+                logger.warning("Feature store %s: shard %d (%s) is missing or corrupt; it and the %d after it "
+                               "will be recomputed.", self.root, i, bad[0], len(self.manifest["shards"]) - i - 1)
+                break
+            good.append(s)
+        if len(good) != len(self.manifest["shards"]):
+            self.manifest["shards"] = good
+            atomic_write_json(self.root / MANIFEST_FILE, self.manifest)
+        listed = {f["name"] for s in good for f in [*s["files"].values(), *([s["keys"]] if "keys" in s else [])]}
+        for path in sorted(self.root.rglob("*")):
+            if not path.is_file():
+                continue
+            name = path.relative_to(self.root).as_posix()
+            stray_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
+            unlisted_shard = path.parent != self.root and _SHARD_RE.match(path.name) and name not in listed
+            if stray_tmp or unlisted_shard:
+                logger.info("Feature store %s: removing %s left by an interrupted run.", self.root, name)
+                path.unlink()
 
     @property
     def steps(self) -> list[int]:
@@ -118,8 +206,28 @@ class FeatureStore:
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
-    def write_shard(self, per_step: dict[int, np.ndarray]) -> None:
-        """Append one shard: ``{step: (rows, d) array}`` for every checkpoint of the store."""
+    @property
+    def keyed(self) -> bool:
+        return bool(self.meta.get("keyed"))
+
+    def _save(self, name: str, arr: np.ndarray) -> dict:
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        data = buf.getvalue()
+        (self.root / name).parent.mkdir(exist_ok=True)
+        atomic_write_bytes(self.root / name, data)
+        return {"name": name, "sha256": _digest(data)}
+
+    def write_shard(self, per_step: dict[int, np.ndarray], keys: np.ndarray | None = None,
+                    skipped: list[int] | None = None) -> None:
+        """Append one shard: ``{step: (rows, d) array}`` for every checkpoint of the store.
+
+        A keyed store (``meta["keyed"]``) also takes the rows' ``(rows, 16)`` uint8 content keys.
+        ``skipped`` lists the shard's rows that have no features (their rows hold zeros).
+        A full disk raises ``OSError(ENOSPC)`` naming the fix; the store stays consistent.
+        """
+        if self.keyed != (keys is not None):
+            raise ValueError("A keyed store needs the rows' content keys with every shard, and only a keyed one.")
         if set(per_step) != set(self.steps):
             raise ValueError(f"A shard needs features for steps {self.steps}, got {sorted(per_step)}.")
         rows = {len(a) for a in per_step.values()}
@@ -127,24 +235,46 @@ class FeatureStore:
             raise ValueError("Every checkpoint's features in a shard must have the same number of rows.")
         k = len(self.manifest["shards"])
         dtype = np.dtype(self.meta["dtype"])
-        files = {}
-        for step, arr in per_step.items():
+        n = rows.pop()
+        for arr in per_step.values():
             if arr.ndim != 2 or arr.shape[1] != self.meta["dim"]:
                 raise ValueError(f"Expected (rows, {self.meta['dim']}) features, got {arr.shape}.")
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(arr, dtype=dtype))
-            data = buf.getvalue()
-            name = f"step-{step}/shard-{k:06d}.npy"
-            (self.root / name).parent.mkdir(exist_ok=True)
-            atomic_write_bytes(self.root / name, data)
-            files[str(step)] = {"name": name, "sha256": _digest(data)}
-        self.manifest["shards"].append({"rows": rows.pop(), "files": files})
-        atomic_write_json(self.root / MANIFEST_FILE, self.manifest)
+        if keys is not None:
+            keys = np.ascontiguousarray(keys, dtype=np.uint8)
+            if keys.shape != (n, 16):
+                raise ValueError(f"Expected ({n}, 16) uint8 content keys, got {keys.shape}.")
+        skipped = sorted(int(j) for j in (skipped or []))
+        if skipped and not 0 <= skipped[0] <= skipped[-1] < n:
+            raise ValueError(f"Skipped rows {skipped} are outside the shard's {n} rows.")
+        where = f"writing shard {k} of {str(self.root)!r}"
+        files = {}
+        for step, arr in per_step.items():
+            files[str(step)] = _disk_full_hint(self._save, f"step-{step}/shard-{k:06d}.npy",
+                                               np.ascontiguousarray(arr, dtype=dtype), where=where, store=self)
+        shard = {"rows": n, "files": files}
+        if keys is not None:
+            shard["keys"] = _disk_full_hint(self._save, f"keys/shard-{k:06d}.npy", keys, where=where, store=self)
+        if skipped:
+            shard["skipped"] = skipped
+        # The shard exists once the manifest lists it: written last, atomically.
+        manifest = {**self.manifest, "shards": [*self.manifest["shards"], shard]}
+        _disk_full_hint(atomic_write_json, self.root / MANIFEST_FILE, manifest, where=where, store=self)
+        self.manifest = manifest
 
     def finish(self) -> None:
         """Mark the store complete (every row written)."""
-        self.manifest["complete"] = True
-        atomic_write_json(self.root / MANIFEST_FILE, self.manifest)
+        manifest = {**self.manifest, "complete": True}
+        _disk_full_hint(atomic_write_json, self.root / MANIFEST_FILE, manifest,
+                        where=f"finishing {str(self.root)!r}", store=self)
+        self.manifest = manifest
+
+    def skipped_rows(self) -> np.ndarray:
+        """Store rows without features (skipped examples), ascending."""
+        out, start = [], 0
+        for s in self.manifest["shards"]:
+            out.extend(start + j for j in s.get("skipped", []))
+            start += s["rows"]
+        return np.asarray(out, dtype=np.int64)
 
     def features(self, step: int) -> ShardedArray:
         """The ``(rows, d)`` features of checkpoint ``step``, memory-mapped."""
@@ -152,9 +282,23 @@ class FeatureStore:
             raise KeyError(f"No features for checkpoint step {step}; the store has {self.steps}.")
         return ShardedArray([self.root / s["files"][str(step)]["name"] for s in self.manifest["shards"]])
 
+    def keys(self) -> np.ndarray:
+        """``(rows, 16)`` uint8 content keys of a keyed store, in row order."""
+        if not self.keyed:
+            raise ValueError(f"The feature store {str(self.root)!r} has no content keys.")
+        parts = [np.load(self.root / s["keys"]["name"]) for s in self.manifest["shards"]]
+        return np.concatenate(parts) if parts else np.zeros((0, 16), dtype=np.uint8)
+
+    def key_index(self) -> dict[bytes, int]:
+        """Content key -> row (the first row with that content)."""
+        index: dict[bytes, int] = {}
+        for row, key in enumerate(self.keys()):
+            index.setdefault(key.tobytes(), row)
+        return index
+
     def verify(self) -> None:
         """Check every shard against its recorded checksum."""
         for s in self.manifest["shards"]:
-            for f in s["files"].values():
-                if _digest((self.root / f["name"]).read_bytes()) != f["sha256"]:
+            for f in [*s["files"].values(), *([s["keys"]] if "keys" in s else [])]:
+                if file_sha256(self.root / f["name"]) != f["sha256"]:
                     raise IOError(f"Shard {f['name']} in {str(self.root)!r} is corrupt (checksum mismatch).")

@@ -148,3 +148,49 @@ def test_no_param_grad_is_written(lora_model, tokenizer, encoded):
     grads = PerExampleGradients(lora_model)
     gradient_features(grads, collate(encoded, 0))
     assert all(p.grad is None for p in lora_model.parameters())
+
+
+def test_lm_head_at_scored_positions_only_changes_nothing(lora_model, tokenizer, encoded):
+    from hf_less.features import scored_positions
+
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 3, -100, -100]])
+    assert scored_positions(labels).tolist() == [0, 1, 2]
+    grads = PerExampleGradients(lora_model)
+    assert grads._with_keep  # Llama accepts logits_to_keep
+    batch = collate(encoded[:4], tokenizer.pad_token_id)
+    with eval_mode(lora_model):
+        fast = gradient_features(grads, batch)
+        grads._with_keep = False
+        full = gradient_features(grads, batch)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-7)
+
+
+def test_autocast_is_off_on_cpu():
+    import contextlib
+
+    from hf_less.features import autocast_context
+
+    assert isinstance(autocast_context(torch.device("cpu")), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("buffer_rows", [1, 100])
+def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, buffer_rows):
+    """Buffered units, one-by-one projection and the naive per-example loop agree."""
+    from hf_less.featurizer import Featurizer
+
+    from .test_projection import dense_matrix
+
+    grads = PerExampleGradients(lora_model)
+    moments = random_moments(grads)
+    m = torch.cat([moments.exp_avg[k].reshape(-1) for k in grads.keys])
+    v = torch.cat([moments.exp_avg_sq[k].reshape(-1) for k in grads.keys])
+    d = 128
+    feat = Featurizer(lora_model, tokenizer, d, batch_size=2, show_progress=False,
+                      projection_buffer_bytes=buffer_rows * grads.dim * 4)
+    out = feat(encoded, moments)
+    R = dense_matrix(grads.dim, d, "rademacher", 0)
+    with eval_mode(lora_model):
+        g = torch.stack([naive_gradient(lora_model, i, lab) for i, lab in encoded])
+    # The Adam formula written out (checked elementwise against the paper in another test).
+    ref = ((0.9 * m + 0.1 * g) / torch.sqrt(0.999 * v + 0.001 * g**2 + 1e-8)) @ R
+    torch.testing.assert_close(out, torch.nn.functional.normalize(ref, dim=1), rtol=1e-4, atol=1e-5)

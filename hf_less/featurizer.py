@@ -1,0 +1,281 @@
+"""``Featurizer``: encoded examples -> projected, L2-normalised gradient features, with the live model.
+
+The one place where examples meet the model. ``LessSelector`` (after the warmup, checkpoint by
+checkpoint) and ``LessCallback`` (during the warmup, at each save) both use it, so features
+captured during training and features computed afterwards are the same numbers.
+
+Work is cut into *units*: consecutive length-sorted micro-batches whose exact gradients fit in
+``projection_buffer_bytes`` and are projected together (generating the random matrix costs
+P x d whatever the number of rows, so projecting several batches at once is cheaper). Units
+depend only on the examples, ``batch_size`` and the buffer, never on the number of processes:
+under ``torchrun``/``accelerate launch`` unit ``u`` runs on rank ``u % world_size`` and every
+feature is bit-identical to a single-process run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .data import check_on_empty, collate, detect_format, encode_batch, pad_token_id
+from .features import AdamMoments, PerExampleGradients, batch_order, eval_mode, gradient_features
+from .projection import RandomProjector
+from .scores import normalize
+
+logger = logging.getLogger(__name__)
+
+Encoded = tuple[list[int], list[int]]  # (input_ids, labels with -100 on unscored tokens)
+
+
+class NonFiniteFeatureError(FloatingPointError):
+    """NaN or inf in an example's loss or gradient; ``rows`` are the examples, ``context`` where they are."""
+
+    def __init__(self, rows: Sequence[int], context: str = "the examples being featurized", detail: str = ""):
+        self.rows, self.context, self.detail = [int(r) for r in rows], context, detail
+        super().__init__(
+            f"NaN or inf in the loss or gradient of example(s) {self.rows} of {context}{detail}. Check those "
+            "examples (labels, extreme lengths) and the model's weights for NaN/inf; on a GPU compute in "
+            "float32 or bfloat16 rather than float16. Drop the examples (dataset.filter) to go on without them.")
+
+    def at(self, rows: Sequence[int], context: str) -> "NonFiniteFeatureError":
+        """The same error for the same examples, named in the caller's terms."""
+        return NonFiniteFeatureError(rows, context, self.detail)
+
+
+def adapter_name_of(model) -> str | None:
+    """The active PEFT adapter's name (``"default"`` usually), or ``None`` for a plain model."""
+    name = getattr(model, "active_adapter", None)
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    return name if isinstance(name, str) else None
+
+
+def content_key(example: Encoded) -> bytes:
+    """16 bytes identifying an encoded example by content (its token ids and labels).
+
+    Captured features are matched to pool rows by this key, so a shuffled, filtered or
+    re-batched pool still finds its features.
+    """
+    ids, labels = example
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(ids, dtype=np.int64).tobytes())
+    h.update(b"|")
+    h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+def model_identity(model: torch.nn.Module) -> dict:
+    """Name and a weight checksum of the frozen base model: features from two models never mix.
+
+    Trainable parameters (the adapter) are left out: checkpoints identify those.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    h = hashlib.sha256()
+    for name, p in base.named_parameters():
+        if p.requires_grad:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+        h.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())
+        h.update(np.float64(flat.double().sum().item()).tobytes())
+    config = getattr(base, "config", None)
+    return {
+        "name_or_path": getattr(config, "_name_or_path", "") or type(base).__name__,
+        "weights": h.hexdigest()[:16],
+    }
+
+
+def rows_of(data: Any) -> dict[str, list]:
+    """A ``datasets.Dataset``, a list of rows or a dict of columns -> a dict of columns."""
+    if hasattr(data, "column_names") and hasattr(data, "to_dict"):
+        return data.to_dict()
+    if isinstance(data, Mapping):
+        return {k: list(v) for k, v in data.items()}
+    if isinstance(data, Sequence) and not isinstance(data, str):
+        rows = list(data)
+        if not rows:
+            return {}
+        return {k: [r[k] for r in rows] for k in rows[0]}
+    raise TypeError(f"Expected a datasets.Dataset, a list of rows or a dict of columns, got {type(data)}.")
+
+
+class Featurizer:
+    """Per-example LESS features of a (PEFT LoRA) model in its current state.
+
+    Args:
+        model: the model whose trainable parameters are featurized (usually a ``PeftModel``).
+        tokenizer: turns text formats into ids; ``None`` for pre-tokenized data.
+        proj_dim: d of the random projection; ``None`` keeps the exact P-dimensional gradients.
+        proj_kind, proj_seed: the projection (see :class:`hf_less.projection.RandomProjector`).
+        max_length: truncation length in tokens.
+        batch_size: examples per forward/backward pass.
+        projection_buffer_bytes: memory for exact gradients projected together.
+        show_progress: tqdm bars (on the main process only).
+        on_empty_completion: ``"error"`` (default) or ``"skip"``: what :meth:`encode` does with an
+            example that has no completion token (see :func:`hf_less.data.encode_batch`).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, proj_dim: int | None = 8192, *,
+                 proj_kind: str = "rademacher", proj_seed: int = 0, max_length: int | None = 2048,
+                 batch_size: int = 8, projection_buffer_bytes: int = 2**30, show_progress: bool = True,
+                 on_empty_completion: str = "error"):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.on_empty_completion = check_on_empty(on_empty_completion)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = int(batch_size)
+        self.projection_buffer_bytes = int(projection_buffer_bytes)
+        self.show_progress = show_progress
+        self.grads = PerExampleGradients(model, adapter_name_of(model))
+        self.projector = None if proj_dim is None else RandomProjector(self.grads.dim, proj_dim, proj_kind, proj_seed)
+        self.dim = self.grads.dim if proj_dim is None else int(proj_dim)
+
+    @property
+    def identity(self) -> dict:
+        """What the features depend on besides the checkpoint: stored with them, checked on reuse."""
+        return {
+            "model": model_identity(self.model),
+            "projection": None if self.projector is None else self.projector.identity,
+            "dim": self.dim,
+            "max_length": self.max_length,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, data: Any, what: str) -> list[Encoded]:
+        """Examples in any supported format -> ``(input_ids, labels)``; ``what`` names them in errors."""
+        columns = rows_of(data)
+        if not columns or not next(iter(columns.values())):
+            return []
+        try:
+            fmt = detect_format(list(columns))
+            return encode_batch(columns, self.tokenizer, self.max_length, fmt, self.on_empty_completion)
+        except ValueError as e:  # EmptyCompletionError, DatasetFormatError, an unknown format
+            raise type(e)(f"In the {what}: {e}") from None
+
+    def units(self, encoded: Sequence[Encoded]) -> list[list[list[int]]]:
+        """Length-sorted micro-batches grouped into units projected together (see module doc)."""
+        batches = batch_order([len(ids) for ids, _ in encoded], self.batch_size)
+        if self.projector is None:
+            return [[b] for b in batches]
+        per_row = self._row_bytes()
+        units: list[list[list[int]]] = []
+        rows = 0
+        for b in batches:
+            if units and (rows + len(b)) * per_row <= self.projection_buffer_bytes:
+                units[-1].append(b)
+                rows += len(b)
+            else:
+                units.append([b])
+                rows = len(b)
+        return units
+
+    def _row_bytes(self) -> int:
+        """Bytes of one buffered exact feature: P coordinates in the projection's compute dtype."""
+        return self.grads.dim * self.projector.compute_dtype.itemsize
+
+    def _unit(self, encoded: Sequence[Encoded], unit: list[list[int]], moments: AdamMoments | None) -> torch.Tensor:
+        """``(rows, d)`` normalised features of one unit, rows in the unit's order.
+
+        Exact features of the unit's batches go into one ``(rows, P)`` buffer (in the projection's
+        compute dtype) that is projected at once: every block of the random matrix is generated
+        once per unit, not once per batch. Memory is the buffer, whatever the pool size.
+        """
+        pad = pad_token_id(self.tokenizer) if self.tokenizer is not None else 0
+        side = getattr(self.tokenizer, "padding_side", "right") or "right"
+        device = self.device
+        rows = sum(len(b) for b in unit)
+        # When one batch's exact gradients exceed the buffer, project each parameter as it is formed.
+        one_by_one = self.projector is not None and len(unit[0]) * self._row_bytes() > self.projection_buffer_bytes
+        buffered = self.projector is not None and not one_by_one
+        parts: list[torch.Tensor] = []
+        buf = (torch.empty((rows, self.grads.dim), dtype=self.projector.compute_dtype, device=device)
+               if buffered else None)
+        pos = 0
+        for idx in unit:
+            batch = {k: v.to(device, non_blocking=True)
+                     for k, v in collate([encoded[j] for j in idx], pad, side).items()}
+            try:
+                feats = gradient_features(self.grads, batch, self.projector if one_by_one else None, moments)
+            except FloatingPointError:
+                raise self._non_finite(encoded, idx, moments) from None
+            if buffered:
+                buf[pos : pos + len(idx)] = feats
+                pos += len(idx)
+            else:
+                parts.append(feats)
+            del feats
+        feats = self.projector(buf) if buffered else torch.cat(parts)
+        return normalize(feats).cpu()
+
+    def _non_finite(self, encoded: Sequence[Encoded], idx: list[int], moments) -> NonFiniteFeatureError:
+        """Find which examples of a failed batch are non-finite: each alone (only on this error path)."""
+        pad = pad_token_id(self.tokenizer) if self.tokenizer is not None else 0
+        bad = []
+        for j in idx:
+            batch = {k: v.to(self.device) for k, v in collate([encoded[j]], pad).items()}
+            try:
+                gradient_features(self.grads, batch, self.projector, moments)
+            except FloatingPointError:
+                bad.append(j)
+        bad = sorted(bad) or sorted(idx)
+        detail = ""
+        if self.tokenizer is not None and hasattr(self.tokenizer, "decode"):
+            try:
+                detail = f" (the first starts {self.tokenizer.decode(encoded[bad[0]][0][:40])!r})"
+            except Exception:  # noqa: BLE001 - the preview is a courtesy
+                pass
+        return NonFiniteFeatureError(bad, detail=detail)
+
+    def __call__(self, encoded: Sequence[Encoded], moments: AdamMoments | None = None,
+                 desc: str | None = None, split: bool = False, progress: tqdm | None = None) -> torch.Tensor:
+        """``(N, d)`` float32 L2-normalised features of ``encoded``, in input order.
+
+        With ``moments`` (a checkpoint's Adam state) the features are Adam directions (pool
+        examples, LESS's Gamma); without, plain gradients (target examples). With ``split``,
+        a collective call: under several processes each computes its share of the units and
+        every process gets all rows (every process must call it, with the same examples).
+        ``progress``: a caller's bar to advance (per unit) instead of a bar of its own.
+        """
+        split = split and distributed.is_distributed()
+        rank, world = (distributed.rank(), distributed.world_size()) if split else (0, 1)
+        out = torch.empty((len(encoded), self.dim), dtype=torch.float32)
+        units = self.units(encoded)
+        bar = progress if progress is not None else tqdm(
+            total=len(encoded), desc=desc, unit="ex", disable=not (self.show_progress and desc and rank == 0))
+        done: list[tuple[int, torch.Tensor]] = []
+        error = None
+        try:
+            with eval_mode(self.model):
+                for u in range(rank, len(units), world):
+                    done.append((u, self._unit(encoded, units[u], moments)))
+                    # Every process advances alike, so the main one's share times world tracks the whole.
+                    bar.update(min(sum(len(b) for b in units[u]) * world, bar.total - bar.n))
+        except Exception as e:  # noqa: BLE001 - raised on every process below, so none waits forever
+            if not split:
+                raise
+            error = e
+        finally:
+            if progress is None:
+                bar.close()
+        gathered = distributed.all_gather((done, None if error is None else repr(error))) if split else [(done, None)]
+        if error is not None:
+            raise error
+        failed = [(r, msg) for r, (_, msg) in enumerate(gathered) if msg is not None]
+        if failed:
+            raise RuntimeError(f"Featurization failed on process {failed[0][0]}: {failed[0][1]}")
+        for part, _ in gathered:
+            for u, feats in part:
+                out[[j for b in units[u] for j in b]] = feats
+        return out
