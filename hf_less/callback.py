@@ -1,15 +1,27 @@
-"""``LessCallback``: save the LESS state of every warmup checkpoint the Trainer writes."""
+"""``LessCallback``: save the LESS state of every warmup checkpoint, and capture features there."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .checkpoints import save_less_state
+from . import distributed
+from .checkpoints import LessCheckpoint, captured_dir, save_less_state
+from .data import n_scored
 from .features import AdamMoments, parameter_key, trainable_parameters
+from .featurizer import Featurizer, adapter_name_of, content_key
+from .store import FeatureStore, IncompatibleFeaturesError
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +49,9 @@ def check_adam(optimizer) -> torch.optim.Optimizer:
     return opt
 
 
-def adapter_name_of(model) -> str | None:
-    name = getattr(model, "active_adapter", None)
-    if isinstance(name, (list, tuple)):
-        name = name[0] if name else None
-    return name if isinstance(name, str) else None
-
-
 class LessCallback(TrainerCallback):
-    """Writes LESS's per-checkpoint state beside the Trainer's own checkpoint files.
+    """Writes LESS's per-checkpoint state beside the Trainer's own checkpoint files, and can
+    capture the pool's and the targets' gradient features with the model already in memory.
 
     At every save it writes ``less_moments.safetensors`` (``exp_avg``/``exp_avg_sq`` of every
     trainable parameter, keyed by parameter name) and ``less_state.json`` (betas, eps, the mean
@@ -54,22 +60,61 @@ class LessCallback(TrainerCallback):
     ``trl.SFTTrainer`` training a PEFT LoRA model with ``optim="adamw_torch"`` or
     ``"adamw_torch_fused"``, any gradient accumulation and ``save_strategy``.
 
+    Given ``pool`` and/or ``targets``, at every save it also computes, with the live model and
+    the moments just saved, the pool's Adam-direction features and the targets' gradient
+    features, projected exactly as :class:`~hf_less.LessSelector` would, into
+    ``checkpoint-N/less_features/{pool,targets}``. A ``LessSelector`` with the same settings
+    then scores from them with no pass over the pool. Capture leaves training untouched:
+    dropout off and the train mode restored, RNG states (torch, CUDA, Python, numpy) and
+    parameter ``.grad`` restored, nothing written to the optimizer. Under several processes
+    each computes its share and the main process writes.
+
     Args:
         output_dir: where to write ``checkpoint-N/`` with the LESS state. Defaults to the
             Trainer's ``output_dir`` (beside its own files). When set elsewhere, the adapter is
             saved there too so the directory is a complete warmup.
+        pool: candidate examples to capture (any format ``LessSelector`` accepts), or ``None``.
+        targets: target examples to capture, or ``None``.
+        proj_dim, proj_kind, proj_seed, max_length, batch_size, projection_buffer_bytes: as for
+            ``LessSelector`` (they must match the selector that reuses the features).
+        tokenizer: defaults to the Trainer's ``processing_class``.
+        shard_rows: pool rows per store shard (the unit of resumption and of the progress bar).
+        dtype: storage dtype of captured features.
+        show_progress: a progress bar on the main process while capturing.
+        on_empty_completion: ``"error"`` or ``"skip"`` for examples with no completion token, as for
+            ``LessSelector`` (skipped examples are not captured; the selector scores them ``-inf``).
 
     Example:
         >>> trainer = SFTTrainer(model, args=SFTConfig(output_dir="warmup", save_strategy="epoch"),
-        ...                      train_dataset=warm, peft_config=lora, callbacks=[LessCallback()])
-        >>> trainer.train()  # warmup/checkpoint-N/ now also holds the LESS state
+        ...                      train_dataset=warm, peft_config=lora,
+        ...                      callbacks=[LessCallback(pool=pool, targets=targets)])
+        >>> trainer.train()  # warmup/checkpoint-N/ holds the LESS state and the captured features
     """
 
-    def __init__(self, output_dir: str | os.PathLike | None = None):
+    def __init__(self, output_dir: str | os.PathLike | None = None, pool: Any = None, targets: Any = None,
+                 proj_dim: int | None = 8192, *, proj_kind: str = "rademacher", proj_seed: int = 0,
+                 max_length: int | None = 2048, batch_size: int = 8, projection_buffer_bytes: int = 2**30,
+                 tokenizer=None, shard_rows: int = 1024, dtype: str = "float16", show_progress: bool = True,
+                 on_empty_completion: str = "error"):
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
+        self.pool, self.targets = pool, targets
+        self.capture_settings = dict(proj_dim=proj_dim, proj_kind=proj_kind, proj_seed=proj_seed,
+                                     max_length=max_length, batch_size=batch_size,
+                                     projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
+                                     on_empty_completion=on_empty_completion)
+        self.tokenizer = tokenizer
+        self.shard_rows = int(shard_rows)
+        self.dtype = dtype
+        self.capture_seconds = 0.0
+        self._featurizer: Featurizer | None = None
+        self._encoded: dict[str, list] = {}
         self._lrs: list[tuple[int, float]] = []
         self._last_save_step = 0
         self._keys: dict[int, str] = {}
+
+    @property
+    def captures(self) -> bool:
+        return self.pool is not None or self.targets is not None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if optimizer is None:
@@ -80,6 +125,16 @@ class LessCallback(TrainerCallback):
         self._lrs = []
         # On resume, LRs are averaged from the resumed step on.
         self._last_save_step = int(state.global_step)
+        if self.captures:
+            tokenizer = self.tokenizer if self.tokenizer is not None else kwargs.get("processing_class")
+            self._featurizer = Featurizer(model, tokenizer, **self.capture_settings)
+            # Tokenized once: every checkpoint featurizes the same examples.
+            self._encoded = {which: [e for e in self._featurizer.encode(data, which) if n_scored(e[1])]
+                             for which, data in (("pool", self.pool), ("targets", self.targets)) if data is not None}
+            empty = [which for which, enc in self._encoded.items() if not enc]
+            if empty:
+                raise ValueError(f"LessCallback was given an empty {empty[0]} dataset to capture.")
+            self._identity = self._featurizer.identity
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # Called after optimizer.step() and before the scheduler steps: group 0's lr is the one used.
@@ -89,20 +144,34 @@ class LessCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = int(state.global_step)
         interval = [lr for s, lr in self._lrs if self._last_save_step < s <= step]
+        ckpt = os.path.join(self.output_dir or args.output_dir, f"checkpoint-{step}")
+        opt = check_adam(optimizer)
+        moments, keys = self._moments(opt, step)
         if state.is_world_process_zero:
             if not interval:
                 raise RuntimeError(f"LessCallback recorded no optimizer step before the save at step {step}.")
-            opt = check_adam(optimizer)
-            self._write(args, step, interval, opt, model)
+            if self.output_dir is not None and model is not None and hasattr(model, "save_pretrained"):
+                model.save_pretrained(ckpt)
+            save_less_state(ckpt, moments, keys, mean_lr=sum(interval) / len(interval), global_step=step,
+                            lr_steps=len(interval), optimizer=type(opt).__name__)
+            logger.info("LESS state for step %d written to %s", step, ckpt)
         self._lrs = [(s, lr) for s, lr in self._lrs if s > step]
         self._last_save_step = step
+        if self.captures:
+            self._capture(state, model, ckpt, step, moments, interval)
 
-    def _write(self, args, step, interval, opt, model):
-        base = self.output_dir or args.output_dir
-        ckpt = os.path.join(base, f"checkpoint-{step}")
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.captures and state.is_world_process_zero:
+            logger.info("LESS feature capture added %.1f s to the warmup.", self.capture_seconds)
+
+    # -- Adam state ------------------------------------------------------------------------------
+
+    def _moments(self, opt, step: int) -> tuple[AdamMoments, list[str]]:
+        """The live optimizer's moments keyed by parameter name (read only, never copied into)."""
         exp_avg, exp_avg_sq = {}, {}
         group = opt.param_groups[0]
-        if any(tuple(g["betas"]) != tuple(group["betas"]) or g["eps"] != group["eps"] for g in opt.param_groups):
+        if any(tuple(g["betas"]) != tuple(group["betas"]) or g["eps"] != group["eps"]
+               for g in opt.param_groups):
             raise ValueError("LessCallback needs the same Adam betas and eps in every parameter group.")
         for g in opt.param_groups:
             for p in g["params"]:
@@ -118,9 +187,91 @@ class LessCallback(TrainerCallback):
         missing = [k for k in self._keys.values() if k not in exp_avg]
         if missing:
             raise RuntimeError(f"Trainable parameters {missing[:3]} are not in the optimizer.")
-        moments = AdamMoments(exp_avg, exp_avg_sq, tuple(group["betas"]), float(group["eps"]))
-        if self.output_dir is not None and model is not None and hasattr(model, "save_pretrained"):
-            model.save_pretrained(ckpt)
-        save_less_state(ckpt, moments, keys, mean_lr=sum(interval) / len(interval), global_step=step,
-                        lr_steps=len(interval), optimizer=type(opt).__name__)
-        logger.info("LESS state for step %d written to %s", step, ckpt)
+        return AdamMoments(exp_avg, exp_avg_sq, tuple(group["betas"]), float(group["eps"])), keys
+
+    # -- capture ---------------------------------------------------------------------------------
+
+    def _capture(self, state, model, ckpt: str, step: int, moments: AdamMoments, interval: list[float]) -> None:
+        main = state.is_world_process_zero
+        digest = None
+        if main:
+            digest = LessCheckpoint(Path(ckpt), step, sum(interval) / len(interval)).digest
+        start = time.perf_counter()
+        with training_state_preserved(model):
+            for which, encoded in self._encoded.items():
+                meta = {**self._identity, "representation": "less-adam" if which == "pool" else "less-grad",
+                        "checkpoints": [{"step": step, "digest": digest}], "dtype": self.dtype,
+                        "keyed": True, "rows": len(encoded)}
+                store, done = None, None
+                if main:  # an error here must reach every process, or the others would wait forever
+                    try:
+                        store = _fresh_store(captured_dir(ckpt, which), meta)
+                        done = store.num_rows
+                    except Exception as e:  # noqa: BLE001
+                        done = e
+                done = distributed.broadcast(done)
+                if isinstance(done, Exception):
+                    raise done
+                bar = tqdm(total=len(encoded), initial=done, unit="ex", desc=f"LESS capture {which} (step {step})",
+                           disable=not (main and self.capture_settings["show_progress"]))
+                for s0 in range(done, len(encoded), self.shard_rows):
+                    chunk = encoded[s0 : s0 + self.shard_rows]
+                    feats = self._featurizer(chunk, moments if which == "pool" else None, split=True, progress=bar)
+                    if main:
+                        keys = np.frombuffer(b"".join(content_key(e) for e in chunk), np.uint8).reshape(-1, 16)
+                        store.write_shard({step: feats.numpy()}, keys)
+                    bar.update(s0 + len(chunk) - bar.n)  # exact at each shard's end
+                bar.close()
+                if main:
+                    store.finish()
+        seconds = time.perf_counter() - start
+        self.capture_seconds += seconds
+        if main:
+            n = sum(len(e) for e in self._encoded.values())
+            logger.info("LESS capture at step %d: %d examples in %.1f s", step, n, seconds)
+            state.log_history.append({"less_capture_seconds": round(seconds, 3), "less_capture_examples": n,
+                                      "step": step})
+        distributed.barrier()
+
+
+def _fresh_store(root: Path, meta: dict) -> FeatureStore:
+    """The capture store of a checkpoint just saved: resumed if it is this capture's, else replaced.
+
+    The Trainer has just (re)written the checkpoint, so features in it from other settings or an
+    earlier run are stale by construction.
+    """
+    try:
+        return FeatureStore.create(root, meta)
+    except IncompatibleFeaturesError:
+        logger.warning("Replacing stale captured features in %s (another run or other settings).", root)
+        shutil.rmtree(root)
+        return FeatureStore.create(root, meta)
+
+
+@contextlib.contextmanager
+def training_state_preserved(model):
+    """Featurize mid-training without changing it: RNG states, ``.grad`` and train mode restored.
+
+    Also lifts accelerate's mixed-precision wrapper off ``model.forward`` meanwhile (bf16/fp16
+    training runs the forward under autocast), so captured features are computed at the same
+    precision as ``LessSelector`` computes them afterwards.
+    """
+    amp_forward = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+    if amp_forward is not None:
+        model.forward = model.__dict__["_original_forward"]
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    py, np_state = random.getstate(), np.random.get_state()
+    grads = {p: p.grad for p in model.parameters() if p.requires_grad}
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+        np.random.set_state(np_state)
+        for p, g in grads.items():
+            p.grad = g
+        if amp_forward is not None:
+            model.forward = amp_forward

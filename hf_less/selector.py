@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,48 +16,20 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from . import selectors
-from .callback import adapter_name_of
+from . import distributed, selectors
 from .checkpoints import LessCheckpoint, find_checkpoints
-from .data import EmptyCompletionError, collate, detect_format, encode_batch, pad_token_id
-from .features import PerExampleGradients, batch_order, eval_mode, gradient_features
-from .projection import RandomProjector
-from .scores import less_score, normalize, subtask_index, weighted_sims
-from .store import FeatureStore, check_compatible
+from .data import detect_format, empty_rows
+from .featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, rows_of
+from .filters import keep_indices
+from .scores import less_score, subtask_index, weighted_sims
+from .store import META_FILE, FeatureStore, IncompatibleFeaturesError, check_compatible
 
 logger = logging.getLogger(__name__)
 
-
-def _columns(data: Any) -> dict[str, list]:
-    """A ``datasets.Dataset``, a list of rows or a dict of columns -> a dict of columns."""
-    if hasattr(data, "column_names") and hasattr(data, "to_dict"):
-        return data.to_dict()
-    if isinstance(data, Mapping):
-        return {k: list(v) for k, v in data.items()}
-    if isinstance(data, Sequence) and not isinstance(data, str):
-        rows = list(data)
-        if not rows:
-            return {}
-        return {k: [r[k] for r in rows] for k in rows[0]}
-    raise TypeError(f"Expected a datasets.Dataset, a list of rows or a dict of columns, got {type(data)}.")
-
-
-def model_identity(model: torch.nn.Module) -> dict:
-    """Name, config hash and a weight checksum of the base model: features from two models never mix."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    h = hashlib.sha256()
-    for name, p in base.named_parameters():
-        if p.requires_grad:  # the adapter: identified by the checkpoints instead
-            continue
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
-        h.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())
-        h.update(np.float64(flat.double().sum().item()).tobytes())
-    config = getattr(base, "config", None)
-    return {
-        "name_or_path": getattr(config, "_name_or_path", "") or type(base).__name__,
-        "weights": h.hexdigest()[:16],
-    }
+# What captured features must share with the selector that reuses them.
+CAPTURE_KEYS = ("model", "checkpoints", "projection", "dim", "max_length")
+NO_CAPTURE_FIX = ("Create the selector with the capture's settings (proj_dim, proj_kind, proj_seed, "
+                  "max_length, the same base model), or pass use_captured=False to compute features anew.")
 
 
 class LessSelector:
@@ -81,6 +54,10 @@ class LessSelector:
         device: where to compute (default: the model's device).
         projection_buffer_bytes: memory for exact features buffered before one projection
             (the random matrix is generated once per buffer, so larger is faster).
+        on_empty_completion: what to do with an example that has no completion token (none at
+            all, or none left after truncation to ``max_length``): ``"error"`` (default) stops and
+            names it; ``"skip"`` scores a pool example ``-inf`` (``less_sims`` all ``-inf``; never
+            selected by any strategy) and drops a target example with a warning.
 
     Example:
         >>> selector = LessSelector(base_model, "warmup", targets, tokenizer=tok, proj_dim=8192)
@@ -105,8 +82,9 @@ class LessSelector:
         device: str | torch.device | None = None,
         show_progress: bool = True,
         projection_buffer_bytes: int = 2**30,
+        use_captured: bool = True,
+        on_empty_completion: str = "error",
     ):
-        self.projection_buffer_bytes = int(projection_buffer_bytes)
         self.checkpoints: list[LessCheckpoint] = find_checkpoints(warmup_dir, checkpoints)
         self.warmup_dir = Path(warmup_dir)
         if isinstance(model, (str, os.PathLike)):
@@ -120,41 +98,68 @@ class LessSelector:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
         self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.batch_size = int(batch_size)
         self.show_progress = show_progress
-        self.grads = PerExampleGradients(self.model, self._adapter_name)
-        self._adapter_states = [self._adapter_state(c) for c in self.checkpoints]
+        self.featurizer = Featurizer(
+            self.model, tokenizer, proj_dim, proj_kind=proj_kind, proj_seed=proj_seed, max_length=max_length,
+            batch_size=batch_size, projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
+            on_empty_completion=on_empty_completion)
+        self.grads = self.featurizer.grads
+        self._adapter_states: dict[int, dict[str, torch.Tensor]] = {}
+        self._loaded: int | None = None
         self._moments = [c.moments() for c in self.checkpoints]
         for c, m in zip(self.checkpoints, self._moments):
             if set(m.exp_avg) != set(self.grads.keys):
                 raise ValueError(
                     f"{c.path} holds Adam moments for {len(m.exp_avg)} parameters, the model has "
                     f"{len(self.grads.keys)} trainable ones: the model's adapter is not the warmup's.")
-        self.projector = None if proj_dim is None else RandomProjector(self.grads.dim, proj_dim, proj_kind, proj_seed)
         self.identity = {
-            "model": model_identity(self.model),
+            **self.featurizer.identity,
             "checkpoints": [{"step": c.step, "weight": c.weight, "digest": c.digest} for c in self.checkpoints],
-            "projection": None if self.projector is None else self.projector.identity,
-            "dim": self.grads.dim if proj_dim is None else proj_dim,
-            "max_length": max_length,
         }
-        columns = _columns(targets)
+        self.use_captured = use_captured
+        self._captured_pool = [self._captured(c, "pool") for c in self.checkpoints]
+        columns = rows_of(targets)
         if not columns or not next(iter(columns.values())):
             raise ValueError("targets is empty: LESS needs a few examples of the target task.")
         if subtask_column is not None and subtask_column not in columns:
             raise ValueError(f"subtask_column={subtask_column!r} is not a column of targets {sorted(columns)}.")
+        labels = columns.pop(subtask_column) if subtask_column else None
+        encoded = self.featurizer.encode(columns, "targets")
+        # The target rows kept (on_empty_completion="skip" drops those with no completion token).
+        empty = set(empty_rows(encoded))
+        if empty:
+            if len(empty) == len(encoded):
+                raise ValueError(f"None of the {len(encoded)} target examples has a completion token left to "
+                                 f"score (max_length={max_length}); raise max_length or fix the targets.")
+            warnings.warn(f"Target examples {sorted(empty)} have no completion token to score and are left out "
+                          "(on_empty_completion='skip'); less_sims has one column per remaining target.",
+                          stacklevel=2)
+        self.target_rows = [j for j in range(len(encoded)) if j not in empty]
+        encoded = [encoded[j] for j in self.target_rows]
         self.subtask_ids, self.subtask_names = subtask_index(
-            columns.pop(subtask_column) if subtask_column else None, len(next(iter(columns.values()))))
-        encoded = self._encode(columns, "targets")
+            None if labels is None else [labels[j] for j in self.target_rows], len(encoded))
+        self._target_keys = {content_key(e) for e in encoded}
+        self._warned_overlap = False
         self.num_targets = len(encoded)
-        self.target_features = [self._features(encoded, i, adam=False, desc="target features")
-                                for i in range(len(self.checkpoints))]
+        self.target_features = [self._target_features(encoded, i) for i in range(len(self.checkpoints))]
         self.fingerprint = hashlib.sha256(json.dumps({
             **self.identity,
             "targets": [hashlib.sha256(f.numpy().tobytes()).hexdigest() for f in self.target_features],
             "subtasks": self.subtask_ids.tolist(),
         }, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def has_captured_pool(self) -> bool:
+        """Whether every checkpoint has pool features captured during the warmup with these settings."""
+        return all(c is not None for c in self._captured_pool)
+
+    @property
+    def batch_size(self) -> int:
+        return self.featurizer.batch_size
+
+    @property
+    def projector(self):
+        return self.featurizer.projector
 
     # -- model and checkpoints -------------------------------------------------------------------
 
@@ -165,69 +170,87 @@ class LessSelector:
             return model
         return PeftModel.from_pretrained(model, str(self.checkpoints[0].path), is_trainable=True)
 
-    @property
-    def _adapter_name(self) -> str | None:
-        return adapter_name_of(self.model)
-
-    def _adapter_state(self, ckpt: LessCheckpoint) -> dict[str, torch.Tensor]:
-        path = ckpt.path / "adapter_model.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"{ckpt.path} has no adapter_model.safetensors: is the warmup a LoRA run?")
-        return load_file(str(path), device=str(self.device))
-
     def _load_checkpoint(self, i: int) -> None:
+        """Put checkpoint ``i``'s adapter weights into the model (loaded from disk once)."""
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.model, self._adapter_states[i], adapter_name=self._adapter_name)
+        if self._loaded == i:
+            return
+        if i not in self._adapter_states:
+            path = self.checkpoints[i].path / "adapter_model.safetensors"
+            if not path.exists():
+                raise FileNotFoundError(f"{self.checkpoints[i].path} has no adapter_model.safetensors: "
+                                        "is the warmup a LoRA run?")
+            self._adapter_states[i] = load_file(str(path), device=str(self.device))
+        result = set_peft_model_state_dict(self.model, self._adapter_states[i], adapter_name=adapter_name_of(self.model))
         missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
         if missing:
             raise ValueError(f"Checkpoint {self.checkpoints[i].path} lacks adapter weights {missing[:3]}.")
+        self._loaded = i
 
     # -- features --------------------------------------------------------------------------------
 
-    def _encode(self, columns: Mapping[str, list], what: str) -> list[tuple[list[int], list[int]]]:
-        fmt = detect_format(list(columns))
-        try:
-            return encode_batch(columns, self.tokenizer, self.max_length, fmt)
-        except EmptyCompletionError as e:
-            raise EmptyCompletionError(f"In the {what}: {e}") from None
+    def _captured(self, ckpt: LessCheckpoint, which: str) -> tuple[FeatureStore, dict[bytes, int]] | None:
+        """The features ``LessCallback`` captured at ``ckpt`` with these settings, or ``None``."""
+        root = ckpt.captured(which)
+        if not self.use_captured or not (root / META_FILE).exists():
+            return None
+        store = FeatureStore(root)
+        if not store.complete:
+            logger.warning("Ignoring the incomplete captured features in %s (the capture was interrupted).", root)
+            return None
+        expected = {**self.featurizer.identity, "checkpoints": [{"step": ckpt.step, "digest": ckpt.digest}]}
+        check_compatible(store.meta, expected, what=f"captured {which} features in {str(root)!r} and this selector",
+                         keys=CAPTURE_KEYS, fix=NO_CAPTURE_FIX)
+        return store, store.key_index()
 
-    def _features(self, encoded, i: int, adam: bool, desc: str | None = None) -> torch.Tensor:
-        """``(N, d)`` L2-normalised features of ``encoded`` at checkpoint ``i``, in input order."""
+    def _target_features(self, encoded, i: int) -> torch.Tensor:
+        captured = self._captured(self.checkpoints[i], "targets")
+        if captured is not None:
+            store, index = captured
+            rows = [index.get(content_key(e)) for e in encoded]
+            if all(r is not None for r in rows):
+                return torch.from_numpy(store.features(self.checkpoints[i].step).take(rows).astype(np.float32))
         self._load_checkpoint(i)
-        out = torch.empty((len(encoded), self.identity["dim"]), dtype=torch.float32)
-        groups = batch_order([len(ids) for ids, _ in encoded], self.batch_size)
-        pad = pad_token_id(self.tokenizer) if self.tokenizer is not None else 0
-        side = getattr(self.tokenizer, "padding_side", "right") or "right"
-        bar = tqdm(total=len(encoded), desc=f"{desc} (step {self.checkpoints[i].step})", unit="ex",
-                   disable=not (self.show_progress and desc))
-        moments = self._moments[i] if adam else None
-        # Generating the random matrix costs P x d whatever the batch, so exact features of
-        # several micro-batches are buffered (within projection_buffer_bytes) and projected at
-        # once; when not even one micro-batch fits, each parameter is projected as it is formed.
-        per_row = 4 * self.grads.dim
-        buffered = self.projector is not None and self.batch_size * per_row <= self.projection_buffer_bytes
-        pending: list[tuple[list[int], torch.Tensor]] = []
+        try:
+            return self.featurizer(encoded, None, desc=f"target features (step {self.checkpoints[i].step})")
+        except NonFiniteFeatureError as e:
+            raise e.at([self.target_rows[r] for r in e.rows], "the targets") from None
 
-        def flush():
-            if pending:
-                rows = [j for idx, _ in pending for j in idx]
-                out[rows] = normalize(self.projector(torch.cat([f for _, f in pending]))).cpu()
-                pending.clear()
-
-        with eval_mode(self.model):
-            for idx in groups:
-                batch = {k: v.to(self.device) for k, v in collate([encoded[j] for j in idx], pad, side).items()}
-                if buffered:
-                    if (sum(len(g) for g, _ in pending) + len(idx)) * per_row > self.projection_buffer_bytes:
-                        flush()
-                    pending.append((idx, gradient_features(self.grads, batch, None, moments)))
-                else:
-                    out[idx] = normalize(gradient_features(self.grads, batch, self.projector, moments)).cpu()
-                bar.update(len(idx))
-            flush()
-        bar.close()
+    def _pool_features(self, encoded, i: int, desc: str | None = None, split: bool = False) -> torch.Tensor:
+        """``(N, d)`` Adam-direction features at checkpoint ``i``: captured rows read, the rest computed."""
+        out = torch.empty((len(encoded), self.featurizer.dim), dtype=torch.float32)
+        todo = list(range(len(encoded)))
+        captured = self._captured_pool[i]
+        if captured is not None:
+            store, index = captured
+            rows = [index.get(content_key(e)) for e in encoded]
+            found = [j for j, r in enumerate(rows) if r is not None]
+            if found:
+                arr = store.features(self.checkpoints[i].step).take([rows[j] for j in found])
+                out[found] = torch.from_numpy(arr.astype(np.float32))
+            todo = [j for j, r in enumerate(rows) if r is None]
+        if todo or split:  # under split every process must take part, even with nothing to do
+            self._load_checkpoint(i)
+            try:
+                out[todo] = self.featurizer([encoded[j] for j in todo], self._moments[i], desc=desc, split=split)
+            except NonFiniteFeatureError as e:
+                raise e.at([todo[r] for r in e.rows], e.context) from None
         return out
+
+    def _scorable(self, encoded, where: str) -> list[int]:
+        """Rows of ``encoded`` with a completion token; warns once if target examples are in the pool."""
+        if not self._warned_overlap:
+            dup = [j for j, e in enumerate(encoded) if content_key(e) in self._target_keys]
+            if dup:
+                self._warned_overlap = True
+                warnings.warn(
+                    f"{len(dup)} pool example(s) ({where}: rows {dup[:5]}) are also target examples: their "
+                    "similarity to themselves inflates their scores, and selecting them trains on the targets. "
+                    "Remove the targets from the pool (e.g. pool.filter on a held-out id) to select fairly.",
+                    stacklevel=3)
+        empty = set(empty_rows(encoded))
+        return [j for j in range(len(encoded)) if j not in empty]
 
     # -- datasets.map protocol -------------------------------------------------------------------
 
@@ -236,65 +259,151 @@ class LessSelector:
         columns = {k: v for k, v in batch.items() if k not in ("less_score", "less_sims")}
         if not columns or not next(iter(columns.values())):
             return {"less_score": [], "less_sims": []}
-        encoded = self._encode(columns, "pool batch")
-        pool = [self._features(encoded, i, adam=True) for i in range(len(self.checkpoints))]
-        sims = weighted_sims(pool, self.target_features, [c.weight for c in self.checkpoints])
-        scores = less_score(sims, self.subtask_ids if len(self.subtask_names) > 1 else None)
+        encoded = self.featurizer.encode(columns, "pool batch")
+        ok = self._scorable(encoded, "this map batch")
+        sims = torch.full((len(encoded), self.num_targets), float("-inf"))
+        scores = torch.full((len(encoded),), float("-inf"))
+        if ok:
+            try:
+                pool = [self._pool_features([encoded[j] for j in ok], i) for i in range(len(self.checkpoints))]
+            except NonFiniteFeatureError as e:
+                raise e.at([ok[r] for r in e.rows], "this map batch of the pool (rows counted from the "
+                           "batch's first)") from None
+            s = weighted_sims(pool, self.target_features, [c.weight for c in self.checkpoints])
+            sims[ok] = s
+            scores[ok] = less_score(s, self.subtask_ids if len(self.subtask_names) > 1 else None)
         return {"less_score": scores.tolist(), "less_sims": sims.tolist()}
+
+    def score(self, dataset, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """``(less_score (N,), less_sims (N, T))`` of a whole pool, without writing a dataset."""
+        n = len(dataset)
+        scores = np.empty(n, dtype=np.float32)
+        sims = np.empty((n, self.num_targets), dtype=np.float32)
+        bar = tqdm(total=n, desc="scoring pool", unit="ex", disable=not self.show_progress)
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            out = self(dataset[start:stop])
+            scores[start:stop], sims[start:stop] = out["less_score"], out["less_sims"]
+            bar.update(stop - start)
+        bar.close()
+        return scores, sims
 
     # -- selection -------------------------------------------------------------------------------
 
-    def order(self, scored, strategy: str = "topk", seed: int = 0) -> np.ndarray:
-        """The full ordering of ``scored`` (a pool with ``less_score``) under ``strategy``."""
+    def order(self, scored, strategy: str = "topk", seed: int = 0, **params) -> np.ndarray:
+        """The full ordering of ``scored`` (a pool with ``less_score``/``less_sims``) under ``strategy``.
+
+        ``params`` go to the strategy (see :mod:`hf_less.selectors`).
+        """
         if "less_score" not in scored.column_names:
             raise ValueError("The dataset has no 'less_score' column: score it first with "
                              "dataset.map(selector, batched=True).")
-        return selectors.order(strategy, np.asarray(scored["less_score"], dtype=np.float64), seed)
+        scores = np.asarray(scored["less_score"], dtype=np.float64)
+        if strategy in ("topk", "random") or strategy not in selectors.STRATEGIES:
+            return selectors.order(strategy, scores, seed, **params)
+        if "less_sims" not in scored.column_names:
+            raise ValueError(f"strategy={strategy!r} needs the 'less_sims' column that map(selector) adds.")
+        sims = np.asarray(scored["less_sims"], dtype=np.float32)
+        return selectors.order(strategy, scores, seed, sims=sims, subtask_ids=self.subtask_ids, **params)
 
-    def select(self, scored, budget: int | float, strategy: str = "topk", seed: int = 0):
+    def select(self, scored, budget: int | float, strategy: str = "topk", seed: int = 0, **params):
         """The selected rows of ``scored`` as a ``Dataset``, in selection order.
 
         Args:
             scored: the pool after ``map(selector, batched=True)``.
             budget: a count (int) or a fraction of the pool (float in (0, 1]).
-            strategy: ``"topk"`` (LESS) or ``"random"``.
+            strategy: a name from :data:`hf_less.selectors.STRATEGIES` (``"topk"`` is LESS's own).
             seed: for seeded strategies.
+            params: the strategy's own settings.
         """
         k = selectors.resolve_budget(budget, len(scored))
-        return scored.select(self.order(scored, strategy, seed)[:k].tolist())
+        return scored.select(self._within_budget(self.order(scored, strategy, seed, **params), k).tolist())
 
-    def filter_fn(self, scored, budget: int | float, strategy: str = "topk", seed: int = 0):
-        """A predicate for ``scored.filter(fn, with_indices=True)`` keeping the rows ``select`` keeps."""
+    @staticmethod
+    def _within_budget(ordering: np.ndarray, k: int) -> np.ndarray:
+        if len(ordering) < k:
+            warnings.warn(f"Only {len(ordering)} pool rows can be selected (the others were skipped: no "
+                          f"completion token, score -inf), fewer than the budget of {k}.", stacklevel=3)
+        return ordering[:k]
+
+    def filter_fn(self, scored, budget: int | float, strategy: str = "topk", seed: int = 0, **params):
+        """A predicate for ``scored.filter(fn, with_indices=True)`` keeping the rows ``select`` keeps.
+
+        The rows come out in pool order (``select`` returns them in selection order).
+        """
         k = selectors.resolve_budget(budget, len(scored))
-        keep = frozenset(self.order(scored, strategy, seed)[:k].tolist())
-
-        def keep_row(example, idx):
-            return idx in keep
-
-        return keep_row
+        return keep_indices(self._within_budget(self.order(scored, strategy, seed, **params), k))
 
     # -- feature store ---------------------------------------------------------------------------
 
     def featurize(self, dataset, store_dir: str | os.PathLike, shard_rows: int = 4096,
-                  dtype: str = "float16") -> FeatureStore:
+                  dtype: str = "float16") -> FeatureStore | None:
         """Write the pool's Adam-direction features at every checkpoint into a feature store.
 
-        Resumes an interrupted run in the same ``store_dir`` from its last complete shard.
+        Resumes an interrupted run in the same ``store_dir`` from its last complete shard. Under
+        ``torchrun`` / ``accelerate launch`` call it on every process: each computes its share of
+        every shard and the main process writes the store (and returns it; others return ``None``).
+        Rows carry content keys, so a selector with the same settings reuses them by content.
         """
-        meta = {**self.identity, "representation": "less-adam", "dtype": dtype,
+        if len(dataset) == 0:
+            raise ValueError("The pool is empty: there is nothing to featurize. Pass the candidate examples.")
+        if int(shard_rows) < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}.")
+        detect_format(list(dataset.column_names))  # an unrecognised format fails before anything is written
+        meta = {**self.identity, "representation": "less-adam", "dtype": dtype, "keyed": True,
                 "rows": len(dataset), "fingerprint": getattr(dataset, "_fingerprint", None)}
-        store = FeatureStore.create(store_dir, meta)
-        done = store.num_rows
-        bar = tqdm(total=len(dataset), initial=done, desc="pool features", unit="ex", disable=not self.show_progress)
+        main = distributed.is_main_process()
+        store, done = None, None
+        if main:  # an error here must reach every process, or the others would wait forever
+            try:
+                store = FeatureStore.create(store_dir, meta)
+                done = store.num_rows
+                if done:
+                    self._check_resumed_rows(dataset, store, done, shard_rows)
+            except Exception as e:  # noqa: BLE001
+                done = e
+        done = distributed.broadcast(done)
+        if isinstance(done, Exception):
+            raise done
+        bar = tqdm(total=len(dataset), initial=done, desc="pool features", unit="ex",
+                   disable=not (self.show_progress and main))
         for start in range(done, len(dataset), shard_rows):
             rows = dataset.select(range(start, min(len(dataset), start + shard_rows)))
-            encoded = self._encode(rows.to_dict(), f"pool rows {start}..")
-            store.write_shard({c.step: self._features(encoded, i, adam=True).numpy()
-                               for i, c in enumerate(self.checkpoints)})
+            encoded = self.featurizer.encode(rows, f"pool rows {start}..")
+            ok = self._scorable(encoded, f"pool rows {start}..")
+            try:
+                per_step = {c.step: self._pool_features([encoded[j] for j in ok], i, split=True).numpy()
+                            for i, c in enumerate(self.checkpoints)}
+            except NonFiniteFeatureError as e:
+                raise e.at([start + ok[r] for r in e.rows], "the pool (dataset row indices)") from None
+            if len(ok) < len(encoded):  # skipped rows keep their place, with zero features
+                for step, feats in per_step.items():
+                    full = np.zeros((len(encoded), feats.shape[1]), dtype=feats.dtype)
+                    full[ok] = feats
+                    per_step[step] = full
+            if main:
+                keys = np.frombuffer(b"".join(content_key(e) for e in encoded), dtype=np.uint8).reshape(-1, 16)
+                store.write_shard(per_step, keys, skipped=sorted(set(range(len(encoded))) - set(ok)))
             bar.update(len(encoded))
         bar.close()
-        store.finish()
+        if main:
+            store.finish()
+        distributed.barrier()
         return store
+
+    def _check_resumed_rows(self, dataset, store: FeatureStore, done: int, chunk: int) -> None:
+        """Refuse to resume a store whose rows are other examples than the pool's first ``done``."""
+        keys = store.keys()
+        for start in range(0, done, chunk):
+            stop = min(done, start + chunk)
+            encoded = self.featurizer.encode(dataset.select(range(start, stop)), f"pool rows {start}..")
+            mine = np.frombuffer(b"".join(content_key(e) for e in encoded), dtype=np.uint8).reshape(-1, 16)
+            bad = np.flatnonzero((mine != keys[start:stop]).any(1))
+            if len(bad):
+                raise IncompatibleFeaturesError(
+                    f"Cannot resume {str(store.root)!r}: its row {start + int(bad[0])} holds another example "
+                    f"than row {start + int(bad[0])} of this pool (the pool changed since the interrupted run). "
+                    "Use another store_dir, or delete this one to recompute.")
 
     def score_store(self, store: FeatureStore | str | os.PathLike, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
         """``(less_score (N,), less_sims (N, T))`` of a pool feature store against these targets."""
@@ -314,6 +423,8 @@ class LessSelector:
             s = weighted_sims(pool, self.target_features, weights)
             sims[start:stop] = s.numpy()
             scores[start:stop] = less_score(s, multi).numpy()
+        skipped = store.skipped_rows()
+        scores[skipped], sims[skipped] = -np.inf, -np.inf  # no completion token: never selected
         return scores, sims
 
 

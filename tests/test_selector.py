@@ -198,3 +198,15 @@ def test_every_dataset_format_scores(tokenizer, warmup, pool, targets):
     for ds in (messages, text):
         sims = np.array(ds.map(selector, batched=True)["less_sims"])
         assert sims.shape == base.shape and np.isfinite(sims).all() and np.abs(sims).max() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("strategy", __import__("hf_less.selectors", fromlist=["STRATEGIES"]).STRATEGIES)
+def test_filter_fn_keeps_the_rows_select_keeps(tokenizer, warmup, pool, targets, strategy):
+    selector = make_selector(tokenizer, warmup, targets, proj_dim=64)
+    scored = pool.map(selector, batched=True, batch_size=6)
+    chosen = selector.select(scored, budget=5, strategy=strategy, seed=3)
+    kept = scored.filter(selector.filter_fn(scored, budget=5, strategy=strategy, seed=3), with_indices=True)
+    assert len(chosen) == len(kept) == 5
+    assert sorted(chosen["prompt"]) == sorted(kept["prompt"])
+    positions = [scored["prompt"].index(p) for p in kept["prompt"]]
+    assert positions == sorted(positions)  # filter keeps pool order
