@@ -51,6 +51,8 @@ def main(out):
                       data_collator=lambda f: collate([(x["input_ids"], x["labels"]) for x in f], 0),
                       callbacks=[LessCallback(), RankSnapshot()])
     trainer.train()
+    torch.distributed.barrier()  # nobody tears down while another process still talks
+    torch.distributed.destroy_process_group()  # an exit with live gloo threads can abort
 
 
 if __name__ == "__main__":

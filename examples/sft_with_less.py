@@ -1,0 +1,69 @@
+"""SFT on the part of a pool that LESS selects for a target task, in one call.
+
+Run it alone, or across processes (featurization is split between them):
+
+    accelerate launch examples/sft_with_less.py \\
+        --pool pool.jsonl --targets targets.jsonl --output_dir out \\
+        --less_budget 0.05 --less_strategy topk --use_peft --lora_r 16 --num_train_epochs 2
+    torchrun --nproc_per_node 2 examples/sft_with_less.py ...      # the same, with torchrun
+
+Every ``LessSFTConfig`` option (all of ``SFTConfig`` plus the ``less_*`` ones) and trl's
+``ModelConfig`` options (``--use_peft``, ``--lora_r``, ...) are read from the command line;
+``--help`` lists them. ``--pool`` and ``--targets`` take a JSONL/JSON file or a directory written
+by ``Dataset.save_to_disk``, in any format SFTTrainer accepts (messages, prompt/completion, text).
+Without ``--model_name_or_path`` the embedded SmolLM2-135M-Instruct is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from trl import ModelConfig, get_peft_config
+
+from hf_less import LessSFTConfig, LessSFTTrainer
+from hf_less.models import DEFAULT_MODEL, load_model_and_tokenizer
+
+
+@dataclass
+class DataArguments:
+    pool: str = field(metadata={"help": "The candidate pool: a JSONL/JSON file or a save_to_disk directory."})
+    targets: str = field(metadata={"help": "A few examples of the target task, same kinds of path."})
+
+
+def load(path: str):
+    from datasets import load_dataset, load_from_disk
+
+    if os.path.isdir(path):
+        return load_from_disk(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No dataset at {path!r}: give a JSONL/JSON file or a save_to_disk directory.")
+    return load_dataset("json", data_files=path, split="train")
+
+
+def main():
+    parser = HfArgumentParser((DataArguments, LessSFTConfig, ModelConfig))
+    data, args, model_args = parser.parse_args_into_dataclasses()
+    name = model_args.model_name_or_path or DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        model, tokenizer = load_model_and_tokenizer()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, revision=model_args.model_revision)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)
+    trainer = LessSFTTrainer(model, args=args, train_dataset=load(data.pool), target_dataset=load(data.targets),
+                             processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    trainer.train()
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        print(json.dumps({"selected": len(trainer.selected_indices), "pool": len(trainer.pool),
+                          "first": trainer.selected_indices[:10], "output_dir": args.output_dir}))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # nobody tears down while another process still talks
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

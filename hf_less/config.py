@@ -1,0 +1,88 @@
+"""``LessSFTConfig``: trl's ``SFTConfig`` plus every LESS setting, as ``less_*`` fields.
+
+``HfArgumentParser(LessSFTConfig)`` reads it from the command line like any Trainer argument::
+
+    accelerate launch examples/sft_with_less.py --output_dir out --less_budget 0.05 --less_strategy topk
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from . import selectors
+
+
+@dataclass
+class LessSFTConfig(SFTConfig):
+    """Training arguments for :class:`~hf_less.LessSFTTrainer`: SFT plus LESS data selection.
+
+    Every field of ``SFTConfig`` applies to the final training on the selected subset. The
+    ``less_*`` fields configure the selection (warmup, features, selector); their defaults are
+    the LESS paper's settings (Xia et al. 2024) where it gives one.
+    """
+
+    less_budget: float = field(default=0.05, metadata={
+        "help": "How much of the pool to keep: a fraction in (0, 1] (0.05 = 5%), or a count of examples (> 1)."})
+    less_strategy: str = field(default="topk", metadata={
+        "help": f"Selector: one of {', '.join(selectors.STRATEGIES)}. 'topk' is LESS's own; 'random' the baseline."})
+    less_proj_dim: int = field(default=8192, metadata={
+        "help": "Dimension d of the random projection of gradients; 0 keeps exact, unprojected gradients."})
+    less_proj_kind: str = field(default="rademacher", metadata={"help": "'rademacher' or 'gaussian' projection."})
+    less_proj_seed: int = field(default=0, metadata={"help": "Seed of the random projection."})
+    less_warmup_fraction: float = field(default=0.05, metadata={
+        "help": "Fraction of the pool, drawn at random with less_seed, that the warmup LoRA trains on."})
+    less_warmup_epochs: int = field(default=4, metadata={
+        "help": "Warmup epochs; one checkpoint per epoch, each one feature set weighted by its mean LR."})
+    less_warmup_dir: str | None = field(default=None, metadata={
+        "help": "Reuse this warmup (a directory of checkpoint-N/ written with LessCallback) instead of training one."})
+    less_warmup_learning_rate: float = field(default=2e-5, metadata={"help": "Peak LR of the warmup (linear decay)."})
+    less_warmup_batch_size: int | None = field(default=None, metadata={
+        "help": "Per-device batch size of the warmup (default: per_device_train_batch_size)."})
+    less_lora_r: int = field(default=128, metadata={"help": "LoRA rank of the warmup adapter."})
+    less_lora_alpha: int = field(default=512, metadata={"help": "LoRA alpha of the warmup adapter."})
+    less_lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout of the warmup adapter."})
+    less_lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Modules the warmup LoRA adapts."})
+    less_selection_model: str | None = field(default=None, metadata={
+        "help": "Select with this model (a name or path; usually smaller: LESS-T) instead of the trained one."})
+    less_seed: int = field(default=0, metadata={"help": "Seed of the warmup subset and of seeded strategies."})
+    less_max_length: int | None = field(default=None, metadata={
+        "help": "Truncation length for features (default: max_length)."})
+    less_batch_size: int = field(default=8, metadata={"help": "Examples per forward/backward while featurizing."})
+    less_subtask_column: str | None = field(default=None, metadata={
+        "help": "Column of the targets naming subtasks: the score is the max over subtasks of the mean similarity."})
+    less_store_dtype: str = field(default="float16", metadata={"help": "Storage dtype of the feature stores."})
+    less_on_empty_completion: str = field(default="error", metadata={
+        "help": "An example with no completion token left after truncation: 'error' (stop and name it) or "
+                "'skip' (a pool example scores -inf and is never selected; a target example is dropped)."})
+    less_reuse_selection: bool = field(default=True, metadata={
+        "help": "Reuse output_dir/less_selection.json when it was made with the same settings and pool."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.less_budget > 0:
+            raise ValueError(f"less_budget={self.less_budget} must be > 0: a fraction in (0, 1] or a count.")
+        if self.less_budget > 1 and self.less_budget != int(self.less_budget):
+            raise ValueError(f"less_budget={self.less_budget}: a count must be a whole number (or give a fraction).")
+        if self.less_strategy not in selectors.STRATEGIES:
+            raise ValueError(f"less_strategy={self.less_strategy!r} is not one of {selectors.STRATEGIES}.")
+        if not 0 < self.less_warmup_fraction <= 1:
+            raise ValueError(f"less_warmup_fraction={self.less_warmup_fraction} must be in (0, 1].")
+        if self.less_warmup_epochs < 1:
+            raise ValueError(f"less_warmup_epochs={self.less_warmup_epochs} must be >= 1.")
+        if self.less_on_empty_completion not in ("error", "skip"):
+            raise ValueError(f"less_on_empty_completion={self.less_on_empty_completion!r} must be 'error' or 'skip'.")
+        if self.less_proj_dim < 0:
+            raise ValueError(f"less_proj_dim={self.less_proj_dim} must be > 0, or 0 for exact gradients.")
+
+    @property
+    def less_budget_value(self) -> int | float:
+        """``less_budget`` as ``select`` takes it: a float fraction, or an int count."""
+        return float(self.less_budget) if self.less_budget <= 1 else int(self.less_budget)
+
+    @property
+    def less_projection_dim(self) -> int | None:
+        return self.less_proj_dim or None

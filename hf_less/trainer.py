@@ -1,0 +1,303 @@
+"""``LessSFTTrainer``: trl's ``SFTTrainer`` that first selects its training data with LESS.
+
+``train()`` runs, in one call and under ``accelerate launch`` / ``torchrun`` as well as alone:
+
+1. warmup: a LoRA SFT on a random ``less_warmup_fraction`` of the pool for ``less_warmup_epochs``
+   epochs, one checkpoint per epoch, with :class:`~hf_less.LessCallback` capturing the pool's and
+   the targets' gradient features at each checkpoint (skipped with ``less_warmup_dir``);
+2. scoring from the captured features (or, for a reused warmup without them, a featurization
+   split across the processes), and selection with ``less_strategy`` under ``less_budget``;
+3. the ordinary ``SFTTrainer`` training on the selected rows, with the user's own arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from . import distributed, selectors
+from .callback import LessCallback
+from .config import LessSFTConfig
+from .featurizer import rows_of
+from .selection import Selection, load_pool_scores, load_selection, save_selection
+from .selector import LessSelector
+
+logger = logging.getLogger(__name__)
+
+WARMUP_SUBDIR = "less_warmup"
+FEATURES_SUBDIR = "less_features"
+
+
+class LessSFTTrainer(SFTTrainer):
+    """A drop-in ``SFTTrainer`` that trains on the part of ``train_dataset`` LESS selects.
+
+    Args:
+        model, args, data_collator, train_dataset, eval_dataset, processing_class, ...: as for
+            ``trl.SFTTrainer``; ``args`` is a :class:`~hf_less.LessSFTConfig` and
+            ``train_dataset`` is the candidate pool (messages, prompt/completion or text).
+        target_dataset: a few examples of the target task, in any format the pool may have.
+
+    After ``train()`` (or ``select_data()``), ``selected_indices`` holds the chosen rows of
+    ``train_dataset`` in selection order, and ``output_dir`` holds ``less_selection.json``
+    (indices, scores, strategy, budget, warmup checkpoints) and ``less_scores.npy``.
+
+    Example:
+        >>> trainer = LessSFTTrainer(model, args=LessSFTConfig(output_dir="out", less_budget=0.05),
+        ...                          train_dataset=pool, target_dataset=targets, peft_config=lora,
+        ...                          processing_class=tok)
+        >>> trainer.train()            # warmup -> featurize -> select -> train on the subset
+        >>> trainer.selected_indices   # indices into train_dataset, in selection order
+    """
+
+    def __init__(self, model, args: LessSFTConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, *pargs, target_dataset: Any = None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = LessSFTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-LESS-SFT")
+        if not isinstance(args, LessSFTConfig):
+            raise TypeError(f"LessSFTTrainer needs args=LessSFTConfig(...), got {type(args).__name__}; "
+                            "LessSFTConfig takes every SFTConfig argument plus the less_* ones.")
+        if train_dataset is None:
+            raise ValueError("LessSFTTrainer needs train_dataset: the candidate pool to select from.")
+        columns = rows_of(target_dataset) if target_dataset is not None else {}
+        if not columns or not next(iter(columns.values())):
+            raise ValueError("LessSFTTrainer needs target_dataset: a few examples of the task to select for.")
+        if not hasattr(train_dataset, "select"):
+            raise TypeError("train_dataset must be a datasets.Dataset (an IterableDataset cannot be scored row by row).")
+        if len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty: LessSFTTrainer needs the candidate pool to select from.")
+        # Fail now, not after the warmup: a count budget larger than the pool.
+        selectors.resolve_budget(args.less_budget_value, len(train_dataset))
+        self.pool = train_dataset
+        self.target_dataset = target_dataset
+        self.selected_indices: list[int] | None = None
+        self.selection: Selection | None = None
+        # The selection model, taken before SFTTrainer prepares (and patches the forward of) the
+        # model it trains: a copy of that one would still run the original through closures.
+        self._selection_source = None if args.less_selection_model else _pristine_copy(model)
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *pargs, **kwargs)
+
+    # -- the one call ----------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        """Select the training data (unless already selected), then train on it as ``SFTTrainer`` does."""
+        if self.selected_indices is None:
+            self.select_data()
+        return super().train(*args, **kwargs)
+
+    def select_data(self) -> list[int]:
+        """Warmup, featurize, score and select; sets ``selected_indices`` and the training set."""
+        a: LessSFTConfig = self.args
+        start = time.perf_counter()
+        settings = self._settings()
+        selection = self._reusable_selection(settings)
+        pool_scores = None
+        if selection is None:
+            model, tokenizer = self._selection_model()
+            if a.less_warmup_dir:
+                warmup_dir = a.less_warmup_dir
+            else:
+                warmup_dir, model = self._warmup(model, tokenizer)
+            selection, pool_scores = self._select(model, tokenizer, warmup_dir, settings)
+            del model
+        else:
+            pool_scores = load_pool_scores(a.output_dir)
+        self._selection_source = None  # the copy is not needed any more: free it before training
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.selection = selection
+        self.selected_indices = list(selection.indices)
+        seconds = time.perf_counter() - start
+        stats = {"less/pool_size": float(len(self.pool)), "less/selected": float(selection.k),
+                 "less/selection_seconds": round(seconds, 2)}
+        if selection.scores:
+            stats["less/score_mean_selected"] = float(np.mean(selection.scores))
+            stats["less/score_min_selected"] = float(np.min(selection.scores))
+        if pool_scores is not None:
+            finite = pool_scores[np.isfinite(pool_scores)]  # skipped rows score -inf
+            stats["less/score_mean_pool"] = float(np.mean(finite)) if len(finite) else float("nan")
+        self.add_callback(_LogOnTrainBegin(self, stats))
+        self.train_dataset = self._prepare_dataset(
+            self.pool.select(self.selected_indices), self.processing_class, self.args, self.args.packing,
+            getattr(self, "_formatting_func", None), "train")
+        return self.selected_indices
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _selection_model(self):
+        """The model features are computed with, and its tokenizer (never the model that is trained)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        a: LessSFTConfig = self.args
+        source, self._selection_source = a.less_selection_model or self._selection_source, None
+        if not isinstance(source, str):
+            return source, self.processing_class
+        model = AutoModelForCausalLM.from_pretrained(source, **(a.model_init_kwargs or {}))
+        tokenizer = self.processing_class
+        if a.less_selection_model:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError):
+                pass
+        return model.to(a.device), tokenizer
+
+    def _warmup(self, model, tokenizer):
+        """LoRA SFT on a random ``less_warmup_fraction`` of the pool, capturing features per epoch."""
+        from peft import LoraConfig
+
+        a: LessSFTConfig = self.args
+        out = os.path.join(a.output_dir, WARMUP_SUBDIR)
+        n = len(self.pool)
+        size = max(1, int(round(a.less_warmup_fraction * n)))
+        subset = np.sort(np.random.default_rng(a.less_seed).permutation(n)[:size]).tolist()
+        fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+        config = {k: v for k, v in a.to_dict().items() if k in fields}
+        # to_dict() masks every *_token field (hub_token, but also eos_token, pad_token): take the real ones.
+        config.update({k: getattr(a, k) for k in config if k.endswith("_token")})
+        config.update(
+            output_dir=out, num_train_epochs=a.less_warmup_epochs, max_steps=-1, save_strategy="epoch",
+            save_total_limit=None, save_only_model=True, eval_strategy="no", load_best_model_at_end=False,
+            learning_rate=a.less_warmup_learning_rate, lr_scheduler_type="linear", warmup_steps=0.03,
+            per_device_train_batch_size=a.less_warmup_batch_size or a.per_device_train_batch_size,
+            report_to="none", push_to_hub=False, seed=a.less_seed, packing=False,
+            run_name=f"{a.run_name or 'less'}-warmup", resume_from_checkpoint=None,
+            optim=a.optim if str(a.optim) in ("adamw_torch", "adamw_torch_fused") else "adamw_torch",
+        )
+        lora = LoraConfig(r=a.less_lora_r, lora_alpha=a.less_lora_alpha, lora_dropout=a.less_lora_dropout,
+                          target_modules=list(a.less_lora_target_modules), task_type="CAUSAL_LM")
+        capture = LessCallback(
+            pool=self.pool, targets=self._targets_without_subtasks(), proj_dim=a.less_projection_dim,
+            proj_kind=a.less_proj_kind, proj_seed=a.less_proj_seed, max_length=self._max_length(),
+            batch_size=a.less_batch_size, tokenizer=tokenizer, dtype=a.less_store_dtype,
+            show_progress=not a.disable_tqdm, on_empty_completion=a.less_on_empty_completion)
+        logger.info("LESS warmup: LoRA r=%d on %d of %d pool examples for %d epochs, in %s",
+                    a.less_lora_r, size, n, a.less_warmup_epochs, out)
+        trainer = SFTTrainer(model, args=SFTConfig(**config), train_dataset=self.pool.select(subset),
+                             processing_class=tokenizer, peft_config=lora, callbacks=[capture])
+        trainer.train()
+        from accelerate.utils import extract_model_from_parallel
+
+        # Without the mixed-precision forward wrapper: scoring computes at full precision.
+        warm = extract_model_from_parallel(trainer.model, keep_fp32_wrapper=False)
+        del trainer
+        return out, warm
+
+    def _select(self, model, tokenizer, warmup_dir, settings) -> tuple[Selection, np.ndarray | None]:
+        """Score the pool (main process), order it, keep the budget; every process gets the result."""
+        a: LessSFTConfig = self.args
+        selector = LessSelector(
+            model, warmup_dir, self.target_dataset, tokenizer=tokenizer, proj_dim=a.less_projection_dim,
+            proj_kind=a.less_proj_kind, proj_seed=a.less_proj_seed, max_length=self._max_length(),
+            batch_size=a.less_batch_size, subtask_column=a.less_subtask_column,
+            show_progress=not a.disable_tqdm, on_empty_completion=a.less_on_empty_completion)
+        store = None
+        if not selector.has_captured_pool:  # every process featurizes its share; the main one writes the store
+            store = selector.featurize(self.pool, os.path.join(a.output_dir, FEATURES_SUBDIR, "pool"),
+                                       dtype=a.less_store_dtype)
+        result = None
+        if distributed.is_main_process():
+            try:  # an error here must reach every process, or the others would wait forever
+                result = self._order(selector, store, warmup_dir, settings)
+            except Exception as e:  # noqa: BLE001
+                result = e
+        result = distributed.broadcast(result)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _order(self, selector: LessSelector, store, warmup_dir, settings) -> tuple[Selection, np.ndarray]:
+        a: LessSFTConfig = self.args
+        scores, sims = selector.score_store(store) if store is not None else selector.score(self.pool)
+        k = selectors.resolve_budget(a.less_budget_value, len(self.pool))
+        extra = {} if a.less_strategy in ("topk", "random") else {"sims": sims, "subtask_ids": selector.subtask_ids}
+        order = selectors.order(a.less_strategy, scores, a.less_seed, **extra)[:k]
+        if len(order) == 0:
+            raise ValueError("No pool example can be selected: every one was skipped (no completion token left "
+                             "after truncation). Raise max_length / less_max_length, or check the pool's format.")
+        selection = Selection(
+            indices=order.tolist(), strategy=a.less_strategy, budget=a.less_budget_value,
+            pool_size=len(self.pool), seed=a.less_seed, scores=scores[order].astype(float).tolist(),
+            checkpoints=selector.identity["checkpoints"], projection=selector.identity["projection"],
+            extra={"settings": settings, "warmup_dir": os.fspath(warmup_dir)})
+        save_selection(a.output_dir, selection, scores)
+        return selection, scores
+
+    # -- reuse -----------------------------------------------------------------------------------
+
+    def _settings(self) -> dict:
+        """What the selection depends on: a reused selection must match all of it."""
+        a: LessSFTConfig = self.args
+        targets = rows_of(self.target_dataset)
+        return {
+            "pool": getattr(self.pool, "_fingerprint", None), "pool_size": len(self.pool),
+            "targets": hashlib.sha256(json.dumps(targets, sort_keys=True, default=str).encode()).hexdigest()[:16],
+            **{k: v for k, v in a.to_dict().items() if k.startswith("less_") and k != "less_reuse_selection"},
+            "max_length": self._max_length(),
+            "selection_model": a.less_selection_model or getattr(getattr(self.model, "config", None),
+                                                                 "_name_or_path", None),
+        }
+
+    def _reusable_selection(self, settings: dict) -> Selection | None:
+        if not self.args.less_reuse_selection:
+            return None
+        try:
+            previous = load_selection(self.args.output_dir)
+        except (FileNotFoundError, ValueError):
+            return None
+        if previous.extra.get("settings") != json.loads(json.dumps(settings, default=str)):
+            return None
+        logger.info("Reusing the selection in %s (same pool, targets and LESS settings).", self.args.output_dir)
+        return previous
+
+    # -- small helpers ---------------------------------------------------------------------------
+
+    def _max_length(self) -> int | None:
+        return self.args.less_max_length or self.args.max_length
+
+    def _targets_without_subtasks(self):
+        column = self.args.less_subtask_column
+        if column is None:
+            return self.target_dataset
+        return {k: v for k, v in rows_of(self.target_dataset).items() if k != column}
+
+
+class _LogOnTrainBegin(TrainerCallback):
+    """Logs the selection statistics through ``Trainer.log`` once training has begun (so
+    ``report_to`` integrations and ``log_history`` both get them), once."""
+
+    def __init__(self, trainer: LessSFTTrainer, stats: dict[str, float]):
+        self.trainer, self.stats = trainer, stats
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.stats is not None:
+            stats, self.stats = self.stats, None
+            self.trainer.log(stats)
+
+
+def _pristine_copy(model):
+    """A model to select with: the same weights as ``model``, none of its adapters or wrappers.
+
+    A name or path is kept as is (loaded when needed). A ``PeftModel``'s adapter is dropped:
+    the warmup trains its own.
+    """
+    if isinstance(model, str):
+        return model
+    from peft import PeftModel
+
+    clone = copy.deepcopy(model)
+    for module in clone.modules():  # instance-level forward overrides belong to the original's wrappers
+        module.__dict__.pop("forward", None)
+    return clone.unload() if isinstance(clone, PeftModel) else clone
