@@ -53,16 +53,19 @@ def main():
     targets = Dataset.from_list([r for r in make_rows(4, seed=1) if r["task"] == args.target_task])
     warm = pool.shuffle(seed=0).select(range(len(pool) // 4))
 
-    # 1. warmup with the callback: every checkpoint-N/ also gets the LESS state.
+    # 1. warmup with the callback: every checkpoint-N/ also gets the LESS state and, with
+    #    pool/targets given, their gradient features computed with the model already in memory.
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       task_type="CAUSAL_LM")
     config = SFTConfig(output_dir=f"{args.output_dir}/warmup", num_train_epochs=2, save_strategy="epoch",
                        per_device_train_batch_size=4, learning_rate=2e-4, lr_scheduler_type="linear",
                        warmup_steps=1, max_length=128, report_to=[], use_cpu=True, logging_steps=5)
+    capture = LessCallback(pool=pool.remove_columns("task"), targets=targets.remove_columns("task"),
+                           proj_dim=args.proj_dim, max_length=128, batch_size=8)
     SFTTrainer(model, args=config, train_dataset=warm.remove_columns("task"), processing_class=tokenizer,
-               peft_config=lora, callbacks=[LessCallback()]).train()
+               peft_config=lora, callbacks=[capture]).train()
 
-    # 2. score the pool against the targets with datasets.map.
+    # 2. score the pool with datasets.map: the captured features are found by content, no second pass.
     base, _ = load_model_and_tokenizer()
     selector = LessSelector(base, f"{args.output_dir}/warmup", targets.remove_columns("task"), tokenizer=tokenizer,
                             proj_dim=args.proj_dim, max_length=128, batch_size=8)
