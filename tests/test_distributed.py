@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,22 @@ from hf_less.store import FeatureStore
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def torchrun(script, *args, nproc=2, port=29517):
+def torchrun(script, *args, nproc=2, port=29517, timeout=420):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(port), str(SCRIPTS / script), *map(str, args)]  # SCRIPTS / an absolute path is that path
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # the scripts dump every thread's stack on SIGUSR1 (tests/scripts/teardown.py): show where it hangs
+        os.killpg(proc.pid, signal.SIGUSR1)
+        time.sleep(5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{script} did not finish in {timeout} s; stacks and stderr:\n{err[-6000:]}")
+    assert proc.returncode == 0, err[-3000:]
 
 
 def test_two_process_warmup_writes_once(tmp_path):

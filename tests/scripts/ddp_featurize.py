@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from hf_less import LessCallback, LessSelector  # noqa: E402
 from hf_less.featurizer import Featurizer  # noqa: E402
 from tests.conftest import make_lora_model, make_model, make_tokenizer, toy_tasks  # noqa: E402
+from teardown import finish  # noqa: E402
 
 POOL = toy_tasks(7, seed=4)[:13]  # 13 rows: does not divide between 2 processes
 TARGETS = [r for r in toy_tasks(3, seed=5) if r["task"] == "math"]
@@ -46,8 +47,7 @@ def split(out, warmup):
                             projection_buffer_bytes=1, show_progress=False)
     store = selector.featurize(Dataset.from_list(POOL), os.path.join(out, "store"), shard_rows=5)
     assert (store is not None) == (rank == 0)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 def capture(out):
@@ -64,9 +64,7 @@ def capture(out):
     from tests.conftest import lora_config
     SFTTrainer(make_model(len(tok)), args=args, train_dataset=Dataset.from_list(toy_tasks(4, seed=1)),
                processing_class=tok, peft_config=lora_config(), callbacks=[cb]).train()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # nobody tears down while another process still talks
-        torch.distributed.destroy_process_group()  # an exit with live gloo threads can abort
+    finish()
 
 
 if __name__ == "__main__":

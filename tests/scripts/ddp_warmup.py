@@ -13,6 +13,7 @@ from hf_less import LessCallback  # noqa: E402
 from hf_less.data import collate, encode_batch  # noqa: E402
 from hf_less.features import parameter_key  # noqa: E402
 from tests.conftest import make_lora_model, make_tokenizer, toy_tasks  # noqa: E402
+from teardown import finish  # noqa: E402
 
 
 class RankSnapshot(TrainerCallback):
@@ -51,8 +52,7 @@ def main(out):
                       data_collator=lambda f: collate([(x["input_ids"], x["labels"]) for x in f], 0),
                       callbacks=[LessCallback(), RankSnapshot()])
     trainer.train()
-    torch.distributed.barrier()  # nobody tears down while another process still talks
-    torch.distributed.destroy_process_group()  # an exit with live gloo threads can abort
+    finish()
 
 
 if __name__ == "__main__":
