@@ -5,7 +5,7 @@
     hf-less featurize --run_dir R        # pool gradient features -> feature store (+ target features, scores)
     hf-less select    --run_dir R --strategy topk --budget 0.05   # -> R/selections/topk/less_selection.json
     hf-less train     --run_dir R --selection topk               # LoRA SFT on a selection -> R/train/topk
-    hf-less evaluate  --run_dir R [--adapter topk]               # held-out target loss -> R/evaluation.json
+    hf-less evaluate  --run_dir R [--adapter topk] [--task_metric] # target loss (+ task metric) -> R/evaluation.json
     hf-less report    --run_dir R                                # R/report/report.md + PNG plots
 
 All subcommands share a run directory (see :class:`hf_less.report.RunLayout`). The first one to
@@ -30,7 +30,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .report import RunLayout, precision, report_from_run, write_report
+from .checkpoints import atomic_write_json
+from .report import RunLayout, load_evaluation, precision, report_from_run, write_report
 
 logger = logging.getLogger("hf_less.cli")
 
@@ -147,6 +148,10 @@ class EvaluateArguments:
         "help": "A name under RUN_DIR/train or an adapter directory; omit for the zero-shot base model."})
     label: str | None = field(default=None, metadata={
         "help": "Name of the result in RUN_DIR/evaluation.json (default: the adapter's name, or 'zero-shot')."})
+    task_metric: bool = field(default=False, metadata={
+        "help": "Also the task metric: multiple-choice accuracy by option log-likelihood when the held-out rows "
+                "have BIG-bench options, else exact match of greedy answers."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Generation length for exact match."})
 
 
 @dataclass
@@ -530,9 +535,14 @@ def do_train(base_model, tokenizer, rd: RunData, layout: RunLayout, model_args, 
     return out
 
 
-def do_evaluate(base_model, tokenizer, rd: RunData, layout: RunLayout, model_args, ev: EvaluateArguments, run) -> float:
-    """Held-out target loss of the base model or an adapter -> RUN_DIR/evaluation.json."""
-    from .evaluation import target_loss
+def do_evaluate(base_model, tokenizer, rd: RunData, layout: RunLayout, model_args, ev: EvaluateArguments, run,
+                show_baselines: bool = False) -> float:
+    """Held-out target loss (and the task metric) of the base model or an adapter -> RUN_DIR/evaluation.json.
+
+    ``show_baselines`` prints the result beside the zero-shot and random results already in the
+    file, the two baselines every selection is judged against (the demo prints its own summary).
+    """
+    from .evaluation import target_loss, task_metric
 
     if rd.eval is None:
         raise ValueError("This run has no held-out split: give --eval PATH when the data is built (or use bigbench).")
@@ -545,13 +555,25 @@ def do_evaluate(base_model, tokenizer, rd: RunData, layout: RunLayout, model_arg
             raise FileNotFoundError(f"No LoRA adapter at {adapter}; run `hf-less train` first or give its directory.")
         model = PeftModel.from_pretrained(base_model, str(adapter))
         label = ev.label or adapter.name
-    loss = target_loss(model, tokenizer, text_only(rd.eval), model_args.max_length, model_args.batch_size,
-                       show_progress=not run.quiet)
+    result = {"target_loss": target_loss(model, tokenizer, text_only(rd.eval), model_args.max_length,
+                                         model_args.batch_size, show_progress=not run.quiet)}
+    if ev.task_metric:
+        name, value = task_metric(model, tokenizer, rd.eval, model_args.max_length, model_args.batch_size,
+                                  ev.max_new_tokens, show_progress=not run.quiet)
+        result[name] = value
     results = json.loads(layout.evaluation.read_text()) if layout.evaluation.exists() else {}
-    results[label] = loss
-    layout.evaluation.write_text(json.dumps(results, indent=2))
-    _say(f"evaluate: {label}: target loss {loss:.4f} on {len(rd.eval)} held-out examples -> {layout.evaluation}")
-    return loss
+    results[label] = result
+    atomic_write_json(layout.evaluation, results)
+
+    def show(r) -> str:
+        r = r if isinstance(r, dict) else {"target_loss": r}
+        return ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items())
+
+    _say(f"evaluate: {label}: {show(result)} on {len(rd.eval)} held-out examples -> {layout.evaluation}")
+    for baseline in ("zero-shot", "random") if show_baselines else ():
+        if baseline != label and baseline in results:
+            _say(f"evaluate:   beside {baseline}: {show(results[baseline])}")
+    return result["target_loss"]
 
 
 def do_report(layout: RunLayout, rep: ReportArguments, task_column: str = "task") -> Path:
@@ -788,7 +810,7 @@ def _demo_summary(rd: RunData, less_name, less_idx, rand_idx, layout: RunLayout,
                   f"{less_name + ' (' + sel_strategy + ')':16s} {len(less_idx):3d} examples: {p_less:.0%} from the target task",
                   f"{'random':16s} {len(rand_idx):3d} examples: {p_rand:.0%} from the target task"]
     if trained and layout.evaluation.exists():
-        losses = json.loads(layout.evaluation.read_text())
+        losses, _ = load_evaluation(layout.evaluation)
         summary["losses"] = losses
         lines += ["held-out target loss: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())]
     lines += ["time: " + ", ".join(f"{k} {v:.0f} s" for k, v in clock.stages.items() if k != "total"),
@@ -850,7 +872,7 @@ def cmd_evaluate(run, data, model_args, ev):
     layout = RunLayout(run.run_dir)
     model, tokenizer = load_model(model_args, run)
     rd = prepare_data(run, data, model_args, tokenizer)
-    do_evaluate(model, tokenizer, rd, layout, model_args, ev, run)
+    do_evaluate(model, tokenizer, rd, layout, model_args, ev, run, show_baselines=True)
 
 
 def cmd_report(run, rep):
@@ -871,7 +893,8 @@ COMMANDS: dict[str, tuple[str, tuple[type, ...], Any]] = {
                (RunArguments, DataArguments, ModelArguments, FeaturizeArguments, SelectArguments), cmd_select),
     "train": ("LoRA SFT on a selection -> RUN_DIR/train/NAME.",
               (RunArguments, DataArguments, ModelArguments, TrainArguments), cmd_train),
-    "evaluate": ("Held-out target loss (zero-shot or an adapter) -> RUN_DIR/evaluation.json.",
+    "evaluate": ("Held-out target loss and, with --task_metric, MC accuracy or exact match (zero-shot or an "
+                 "adapter), beside the zero-shot and random results -> RUN_DIR/evaluation.json.",
                  (RunArguments, DataArguments, ModelArguments, EvaluateArguments), cmd_evaluate),
     "report": ("Markdown report and PNG plots of a run -> RUN_DIR/report.", (RunArguments, ReportArguments), cmd_report),
 }

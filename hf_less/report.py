@@ -62,6 +62,7 @@ class ReportInputs:
     selections: dict[str, Sequence[int]]
     scores: Sequence[float] | None = None
     losses: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {mc_accuracy: ..}
     settings: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     less_name: str | None = None
@@ -252,8 +253,11 @@ def markdown(inputs: ReportInputs, plots: Sequence[str] = ()) -> str:
                               [[f"**{t}**" if t == inputs.target_task else t, f"{np.mean(v):.4f}", len(v)]
                                for t, v in ranked])]
     if inputs.losses:
+        names = list(dict.fromkeys(m for v in inputs.metrics.values() for m in v))
         lines += ["## Target loss on the held-out split", "",
-                  *_table(["model", "target loss"], [[k, f"{v:.4f}"] for k, v in inputs.losses.items()])]
+                  *_table(["model", "target loss", *names],
+                          [[k, f"{v:.4f}", *(f"{inputs.metrics.get(k, {})[m]:.4f}" if m in inputs.metrics.get(k, {})
+                                              else "" for m in names)] for k, v in inputs.losses.items()])]
     if inputs.settings:
         lines += ["## Settings", "", *_table(["setting", "value"], [[k, v] for k, v in inputs.settings.items()])]
     if inputs.timings:
@@ -274,6 +278,21 @@ def write_report(inputs: ReportInputs, out_dir: str | os.PathLike) -> Path:
 
 
 # -- from a run directory --------------------------------------------------------------------------
+
+
+def load_evaluation(path: str | os.PathLike) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """``(losses, metrics)`` from a run's ``evaluation.json``, zero-shot first, then random, then the rest.
+
+    Each entry is ``{target_loss, and a task metric if measured}``; a bare number is a loss (the
+    format before task metrics).
+    """
+    path = Path(path)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    order = {"zero-shot": 0, "random": 1}
+    results = dict(sorted(results.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])))
+    losses = {k: v["target_loss"] if isinstance(v, dict) else v for k, v in results.items()}
+    metrics = {k: {m: x for m, x in v.items() if m != "target_loss"} for k, v in results.items() if isinstance(v, dict)}
+    return losses, metrics
 
 
 def report_from_run(run_dir: str | os.PathLike, task_column: str = "task") -> ReportInputs:
@@ -304,10 +323,8 @@ def report_from_run(run_dir: str | os.PathLike, task_column: str = "task") -> Re
                 scores = pool_scores
     # LESS's selection first, random last: the order the plots and tables read best in.
     selections = dict(sorted(selections.items(), key=lambda kv: (kv[0] == "random", kv[0] != less_name, kv[0])))
-    losses = json.loads(layout.evaluation.read_text()) if layout.evaluation.exists() else {}
-    order = {"zero-shot": 0, "random": 1}
-    losses = dict(sorted(losses.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])))
+    losses, metrics = load_evaluation(layout.evaluation)
     target = info.get("target_task") or "target"
     return ReportInputs(target_task=target, pool_tasks=tasks, selections=selections, scores=scores,
-                        losses=losses, settings=info.get("settings", {}), timings=info.get("timings", {}),
+                        losses=losses, metrics=metrics, settings=info.get("settings", {}), timings=info.get("timings", {}),
                         less_name=less_name, title=info.get("title", f"hf-less report: {target}"))

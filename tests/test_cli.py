@@ -61,10 +61,27 @@ def test_subcommands_end_to_end(tiny, tmp_path, capsys):
     assert cli.main(["train", *args, "--selection", "topk", "--train_epochs", "1"]) == 0
     assert (layout.train / "topk" / "adapter_config.json").exists()
     assert cli.main(["evaluate", *args]) == 0
-    assert cli.main(["evaluate", *args, "--adapter", "topk"]) == 0
-    losses = json.loads(layout.evaluation.read_text())
-    assert set(losses) == {"zero-shot", "topk"} and all(v > 0 for v in losses.values())
-    assert losses["zero-shot"] != losses["topk"]
+    capsys.readouterr()
+    assert cli.main(["evaluate", *args, "--adapter", "topk", "--task_metric", "--max_new_tokens", "4"]) == 0
+    results = json.loads(layout.evaluation.read_text())
+    assert set(results) == {"zero-shot", "topk"} and set(results["zero-shot"]) == {"target_loss"}
+    losses = {k: v["target_loss"] for k, v in results.items()}
+    assert all(v > 0 for v in losses.values()) and losses["zero-shot"] != losses["topk"]
+    # the eval rows have no options: exact match, the same as hf_less.evaluation computes it directly
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_less.evaluation import exact_match
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "model"), layout.train / "topk")
+    rows = [json.loads(line) for line in (tiny / "eval.jsonl").read_text().splitlines()]
+    want = exact_match(tuned, AutoTokenizer.from_pretrained(tiny / "model"),
+                       [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows], max_new_tokens=4,
+                       batch_size=4, show_progress=False)
+    assert results["topk"]["exact_match"] == want
+    out = capsys.readouterr().out
+    assert f"evaluate: topk: target loss {losses['topk']:.4f}, exact match {want:.4f}" in out
+    assert f"beside zero-shot: target loss {losses['zero-shot']:.4f}" in out
 
     assert cli.main(["report", "--run_dir", str(run_dir)]) == 0
     md = (layout.report / "report.md").read_text()

@@ -85,3 +85,18 @@ def test_report_from_run_directory(tmp_path):
     assert markdown(got) == markdown(inputs)
     with pytest.raises(FileNotFoundError, match="run directory"):
         report_from_run(tmp_path / "nothing")
+
+
+def test_task_metrics_from_evaluate_get_their_own_column(tmp_path):
+    layout = RunLayout(tmp_path / "run")
+    inputs = make_inputs()
+    Dataset.from_dict({"prompt": ["p"] * 20, "completion": [" c"] * 20, "task": inputs.pool_tasks}).save_to_disk(
+        str(layout.data / "pool"))
+    layout.evaluation.write_text(json.dumps({"zero-shot": {"target_loss": 2.5, "mc_accuracy": 0.25},
+                                             "topk": {"target_loss": 1.875, "mc_accuracy": 0.625}, "random": 2.25}))
+    got = report_from_run(layout.root)
+    assert got.losses == {"zero-shot": 2.5, "random": 2.25, "topk": 1.875}
+    assert got.metrics == {"zero-shot": {"mc_accuracy": 0.25}, "topk": {"mc_accuracy": 0.625}}
+    md = markdown(got, plots=[])
+    assert "| model | target loss | mc_accuracy |" in md
+    assert "| topk | 1.8750 | 0.6250 |" in md and "| random | 2.2500 |  |" in md

@@ -56,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
     p.add_argument("--ref-examples", type=int, default=16, help="(c): 16 = one reference projector call")
-    p.add_argument("--mem-examples", type=int, default=2, help="(d): the 1x pool (10x is 10 times it)")
+    p.add_argument("--mem-examples", type=int, default=40, help="(d): the 1x pool (10x is 10 times it)")
+    p.add_argument("--mem-buffer-mb", type=int, default=64,
+                   help="(d): projection buffer; the 1x pool should fill it, or the 10x pool measures a larger buffer")
     p.add_argument("--store-rows", type=int, default=100_000)
     p.add_argument("--targets", type=int, default=500)
     p.add_argument("--skip", nargs="*", default=[], choices=["reference", "memory", "score"])
@@ -200,7 +202,8 @@ def memory_child(args) -> None:
     from hf_less.store import FeatureStore
 
     model, tok = load_lora_model(args)
-    featurizer = Featurizer(model, tok, args.dim, batch_size=args.batch_size, show_progress=False)
+    featurizer = Featurizer(model, tok, args.dim, batch_size=args.batch_size, show_progress=False,
+                            projection_buffer_bytes=args.mem_buffer_mb * 2**20)
     moments = random_moments(featurizer.grads)
     reset_peak_rss()
     base = rss_mb()
@@ -216,7 +219,8 @@ def memory_child(args) -> None:
 
 def memory_run(args, n: int) -> dict:
     cmd = [sys.executable, __file__, "--_memory-child", str(n), "--dim", str(args.dim), "--tokens", str(args.tokens),
-           "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--rank", str(args.rank)]
+           "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--rank", str(args.rank),
+           "--mem-buffer-mb", str(args.mem_buffer_mb)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
