@@ -33,8 +33,12 @@ def weighted_sims(pool: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
         raise ValueError("pool, targets and weights need one entry per checkpoint.")
     out = None
     for p, t, w in zip(pool, targets, weights):
-        s = normalize(p.float()) @ normalize(t.float().to(p.device)).T * float(w)
-        out = s if out is None else out + s
+        p = p.float()
+        # Normalise the pool side after the product: a (B, T) division instead of a normalised
+        # (B, d) copy (d = 8192 >> T), the same numbers to float rounding.
+        s = (p @ normalize(t.float().to(p.device)).T).div_(p.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        s.mul_(float(w))
+        out = s if out is None else out.add_(s)
     return out
 
 

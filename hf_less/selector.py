@@ -405,7 +405,7 @@ class LessSelector:
                     f"than row {start + int(bad[0])} of this pool (the pool changed since the interrupted run). "
                     "Use another store_dir, or delete this one to recompute.")
 
-    def score_store(self, store: FeatureStore | str | os.PathLike, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    def score_store(self, store: FeatureStore | str | os.PathLike, chunk_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
         """``(less_score (N,), less_sims (N, T))`` of a pool feature store against these targets."""
         store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         check_compatible(store.meta, self.identity)

@@ -242,7 +242,7 @@ def scoring(rows: int, targets: int, dim: int) -> dict:
         features = FeatureStore(tmp).features(1)
         t = time.perf_counter()
         scores = np.empty(rows, dtype=np.float32)
-        for start, chunk in features.chunks(65536):  # as LessSelector.score_store reads a store
+        for start, chunk in features.chunks(16384):  # as LessSelector.score_store reads a store
             sims = weighted_sims([torch.from_numpy(chunk.astype(np.float32))], [tgt], [1.0])
             scores[start : start + len(chunk)] = less_score(sims).numpy()
         seconds = time.perf_counter() - t
