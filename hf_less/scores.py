@@ -46,7 +46,7 @@ def weighted_sims(pool: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
         t = normalize(t.float().to(p.device)).to(dtype)
         # Normalise the pool side after the product: a (B, T) division instead of a normalised
         # (B, d) copy (d = 8192 >> T), the same numbers to float rounding.
-        norms = p.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        norms = torch.linalg.vector_norm(p, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
         s = (p.to(dtype) @ t.T).float().div_(norms).mul_(float(w))
         out = s if out is None else out.add_(s)
     return out
