@@ -180,10 +180,12 @@ def test_resume_refuses_another_pool_or_other_settings(sel, tokenizer, work, tmp
 # -- 3. a full disk ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fail_at", [1, 3, 5, 10])
+@pytest.mark.parametrize("fail_at", [1, 3, 5, 10, 19])
 def test_disk_full_mid_run_leaves_a_consistent_store_that_resumes(sel, reference, tmp_path, monkeypatch, fail_at):
-    # Writes: meta (1), then per shard one file per checkpoint, the keys, the manifest (4 each).
-    # fsync is where a delayed-allocation filesystem reports ENOSPC; from call fail_at on, the disk stays full.
+    # Writes: meta, then per shard one file per checkpoint, the keys, the manifest (4 each); each
+    # write fsyncs the file, then (after the rename) the directory: 2 calls, so shard k is listed
+    # once call 8k + 1 (its manifest) succeeds. fsync is where a delayed-allocation filesystem
+    # reports ENOSPC; from call fail_at on, the disk stays full.
     real_fsync, calls = os.fsync, []
 
     def full_disk_fsync(fd):
@@ -203,7 +205,7 @@ def test_disk_full_mid_run_leaves_a_consistent_store_that_resumes(sel, reference
     else:
         store = FeatureStore(root)
         store.verify()
-        assert not store.complete and store.num_rows == SHARD_ROWS * ((fail_at - 2) // 4)
+        assert not store.complete and store.num_rows == SHARD_ROWS * ((fail_at - 2) // 8)
         assert [p.name for p in root.rglob("*.tmp")] == []
     assert_same_store(reference, sel.featurize(pool, root, shard_rows=SHARD_ROWS, dtype="float32"))
 
@@ -416,3 +418,38 @@ def test_targets_in_the_pool_warn(sel, tmp_path):
     fresh._warned_overlap = False
     with pytest.warns(UserWarning, match=r"pool rows 12..: rows \[0\]"):
         fresh.featurize(pool, tmp_path / "store", shard_rows=SHARD_ROWS)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads fd paths from /proc")
+def test_atomic_write_syncs_the_file_then_the_rename(tmp_path, monkeypatch):
+    from hf_less import checkpoints
+
+    synced, real = [], os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(checkpoints.os, "fsync", spy)
+    target = tmp_path / "manifest.json"
+    checkpoints.atomic_write_json(target, {"shards": 1})
+    assert json.loads(target.read_text()) == {"shards": 1}
+    # the data under its temporary name first, then the directory that records the rename
+    assert len(synced) == 2 and Path(synced[0]).name.startswith(".manifest.json.") and synced[1] == str(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_a_failed_atomic_write_keeps_the_old_content_and_no_temporary_file(tmp_path, monkeypatch):
+    from hf_less import checkpoints
+
+    target = tmp_path / "manifest.json"
+    checkpoints.atomic_write_json(target, {"shards": 1})
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.atomic_write_json(target, {"shards": 2})
+    assert json.loads(target.read_text()) == {"shards": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
