@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import collate, detect_format, encode_batch, pad_token_id
-from .features import eval_mode, per_example_loss
+from .features import eval_mode, per_example_loss, token_nll
 
 
 def _columns(dataset: Any, start: int, stop: int) -> dict[str, list]:
@@ -82,9 +82,6 @@ def target_loss(model, tokenizer, dataset, max_length: int | None = 2048, batch_
 
 # -- task metrics: multiple-choice accuracy by option log-likelihood, exact match -------------------
 
-IGNORE_INDEX = -100
-
-
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token log-probabilities over each row's scored tokens, and their count.
 
@@ -94,11 +91,8 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     Returns:
         ``(sum_logprob (B,), n_tokens (B,))`` in float32 / int64.
     """
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    ce = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
-    return -ce.sum(1), (shift_labels != IGNORE_INDEX).sum(1)
+    nll, count = token_nll(logits[:, :-1], labels[:, 1:])
+    return -nll, count
 
 
 def option_completion(prompt: str, option: str) -> str:

@@ -53,6 +53,20 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return params
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of each row's scored targets, and their count.
+
+    Args:
+        logits: ``(B, K, V)``, position k predicting ``targets[:, k]`` (already shifted).
+        targets: ``(B, K)``, ``-100`` = not scored.
+    Returns:
+        ``(nll_sum (B,), n_tokens (B,))`` in float32 / int64.
+    """
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    return ce.sum(1), (targets != IGNORE_INDEX).sum(1)
+
+
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over each example's scored tokens.
 
@@ -62,13 +76,8 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     Returns:
         ``(B,)`` float32 losses. An example without scored tokens gives NaN (callers refuse it).
     """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    ce = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
-    ).view(shift_labels.shape)
-    return ce.sum(1) / (shift_labels != IGNORE_INDEX).sum(1)
+    total, count = token_nll(logits[:, :-1], labels[:, 1:])
+    return total / count
 
 
 def adam_direction(
@@ -132,10 +141,8 @@ def _forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], with_posi
     # carry no loss, and the vocabulary projection is a large share of a small model's flops.
     keep = scored_positions(labels)
     logits = model(**kwargs, logits_to_keep=keep).logits  # (B, K, V)
-    targets = labels[:, 1:][:, keep]
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-    return ce.sum(1) / (targets != IGNORE_INDEX).sum(1)
+    total, count = token_nll(logits, labels[:, 1:][:, keep])
+    return total / count
 
 
 def autocast_context(device: torch.device, enabled: bool | None = None):
