@@ -40,7 +40,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .checkpoints import file_sha256
+from .checkpoints import atomic_write_bytes, file_sha256
 from .models import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -261,9 +261,8 @@ class BigBenchArchive:
         if index:
             if not tasks:
                 raise BigBenchError(f"{self.archive} holds no {TASKS_DIR}*/task.json files: not a BIG-bench archive.")
-            tmp = self.cache / f"index.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps({"version": INDEX_VERSION, "archive": self.archive.name, "tasks": tasks}))
-            os.replace(tmp, self.cache / "index.json")
+            atomic_write_bytes(self.cache / "index.json", json.dumps(
+                {"version": INDEX_VERSION, "archive": self.archive.name, "tasks": tasks}).encode())
         return tasks
 
     @staticmethod
@@ -282,9 +281,7 @@ class BigBenchArchive:
     def _write(self, name: str, data: bytes) -> None:
         files = self.cache / "tasks"
         files.mkdir(exist_ok=True)
-        tmp = files / f"{_file_key(name)}.tmp{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, files / _file_key(name))
+        atomic_write_bytes(files / _file_key(name), data)
 
     # -- tasks -------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import torch
 
 from hf_less import selectors
 from hf_less.bigbench import BigBenchConfig, load_bigbench
+from hf_less.checkpoints import atomic_write_json
 from hf_less.data import collate, encode_batch, pad_token_id
 from hf_less.evaluation import evaluate_model, sdf
 from hf_less.models import load_model_and_tokenizer
@@ -239,9 +240,7 @@ def main() -> None:
     def record(key: str, model, n: int, pool_size: int, splits, t: float) -> None:
         result = evaluate_model(model, tokenizer, splits.eval, **ev)
         cells[key] = {**result, "n": n, "sdf": sdf(n, pool_size), "seconds": round(time.time() - t, 1)}
-        tmp = cells_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cells, indent=1))
-        os.replace(tmp, cells_path)
+        atomic_write_json(cells_path, cells)
         (out / "results.md").write_text(markdown(summarize(cells, args), header(time.time() - t0)))
         print(f"[{time.time() - t0:7.0f}s] {key}: loss {result['target_loss']:.3f} "
               f"{result['metric']} {result['value']:.3f} (n={n}, {cells[key]['seconds']}s)", flush=True)
