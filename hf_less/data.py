@@ -61,11 +61,17 @@ def pad_token_id(tokenizer) -> int:
     A tokenizer without a pad token is not an error here: padded positions are masked out of
     attention and carry label -100, so the pad id never reaches a loss, a gradient or a feature
     (``tests/test_reliability.py`` checks that features are bit-identical whatever the pad id).
+    ``None`` (pre-tokenized data, no tokenizer) pads with 0 for the same reason.
     """
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         if tid is not None:
             return int(tid)
     return 0
+
+
+def padding_side(tokenizer) -> str:
+    """The tokenizer's padding side; ``"right"`` when it sets none or there is no tokenizer."""
+    return getattr(tokenizer, "padding_side", None) or "right"
 
 
 def _ids(encoded: Any) -> list[int]:

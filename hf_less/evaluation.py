@@ -19,15 +19,25 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate, detect_format, encode_batch, pad_token_id
+from .data import collate, detect_format, encode_batch, pad_token_id, padding_side
+from .featurizer import Encoded, rows_of
 from .features import eval_mode, per_example_loss, token_nll
 
 
 def _columns(dataset: Any, start: int, stop: int) -> dict[str, list]:
+    """Rows ``[start, stop)`` of a ``datasets.Dataset`` or a list of rows as a dict of columns."""
     if hasattr(dataset, "select") and hasattr(dataset, "column_names"):
-        return dataset.select(range(start, stop)).to_dict()
-    rows = list(dataset[start:stop])
-    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+        return rows_of(dataset.select(range(start, stop)))
+    return rows_of(list(dataset[start:stop]))
+
+
+def batch_logits(model, tokenizer, encoded: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits (B, T, V), labels (B, T))`` of one batch, padded as ``tokenizer`` pads, on the model's device."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(encoded, pad_token_id(tokenizer), padding_side(tokenizer)).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], use_cache=False).logits
+    return logits, batch["labels"]
 
 
 @torch.no_grad()
@@ -43,19 +53,13 @@ def per_example_losses(model, tokenizer, dataset, max_length: int | None = 2048,
         raise ValueError("The evaluation dataset is empty.")
     names = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0])
     fmt = detect_format(names)
-    pad = pad_token_id(tokenizer) if tokenizer is not None else 0
-    side = getattr(tokenizer, "padding_side", "right") or "right"
-    device = next(model.parameters()).device
     out = torch.empty(n, dtype=torch.float32)
     bar = tqdm(total=n, desc=desc, unit="ex", disable=not show_progress)
     with eval_mode(model):
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             encoded = encode_batch(_columns(dataset, start, stop), tokenizer, max_length, fmt)
-            batch = {k: v.to(device) for k, v in collate(encoded, pad, side).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"], use_cache=False).logits
-            out[start:stop] = per_example_loss(logits, batch["labels"]).cpu()
+            out[start:stop] = per_example_loss(*batch_logits(model, tokenizer, encoded)).cpu()
             bar.update(stop - start)
     bar.close()
     return out
@@ -130,9 +134,6 @@ def option_logliks(model, tokenizer, prompts: Sequence[str], options: Sequence[S
     pairs = [(i, p, option_completion(p, o)) for i, (p, opts) in enumerate(zip(prompts, options)) for o in opts]
     if not pairs:
         raise ValueError("No options to score: the examples have no 'options' (is this a multiple-choice task?).")
-    pad = pad_token_id(tokenizer)
-    side = getattr(tokenizer, "padding_side", "right") or "right"
-    device = next(model.parameters()).device
     scores: list[float] = []
     bar = tqdm(total=len(pairs), desc="option log-likelihood", unit="opt", disable=not show_progress)
     with eval_mode(model):
@@ -140,10 +141,7 @@ def option_logliks(model, tokenizer, prompts: Sequence[str], options: Sequence[S
             chunk = pairs[start:start + batch_size]
             encoded = encode_batch({"prompt": [c[1] for c in chunk], "completion": [c[2] for c in chunk]},
                                    tokenizer, max_length, "prompt_completion")
-            batch = {k: v.to(device) for k, v in collate(encoded, pad, side).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"], use_cache=False).logits
-            total, count = sequence_logprob(logits, batch["labels"])
+            total, count = sequence_logprob(*batch_logits(model, tokenizer, encoded))
             value = total / count if normalize == "mean" else total
             scores.extend(value.cpu().tolist())
             bar.update(len(chunk))

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import check_on_empty, collate, detect_format, encode_batch, pad_token_id
+from .data import check_on_empty, collate, detect_format, encode_batch, pad_token_id, padding_side
 from .features import AdamMoments, PerExampleGradients, batch_order, eval_mode, gradient_features
 from .projection import RandomProjector
 from .scores import normalize
@@ -192,8 +192,8 @@ class Featurizer:
         compute dtype) that is projected at once: every block of the random matrix is generated
         once per unit, not once per batch. Memory is the buffer, whatever the pool size.
         """
-        pad = pad_token_id(self.tokenizer) if self.tokenizer is not None else 0
-        side = getattr(self.tokenizer, "padding_side", "right") or "right"
+        pad = pad_token_id(self.tokenizer)
+        side = padding_side(self.tokenizer)
         device = self.device
         rows = sum(len(b) for b in unit)
         # When one batch's exact gradients exceed the buffer, project each parameter as it is formed.
@@ -221,7 +221,7 @@ class Featurizer:
 
     def _non_finite(self, encoded: Sequence[Encoded], idx: list[int], moments) -> NonFiniteFeatureError:
         """Find which examples of a failed batch are non-finite: each alone (only on this error path)."""
-        pad = pad_token_id(self.tokenizer) if self.tokenizer is not None else 0
+        pad = pad_token_id(self.tokenizer)
         bad = []
         for j in idx:
             batch = {k: v.to(self.device) for k, v in collate([encoded[j]], pad).items()}

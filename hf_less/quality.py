@@ -35,8 +35,8 @@ from typing import Protocol
 
 import torch
 
-from .data import collate, encode_batch, pad_token_id
-from .evaluation import sequence_logprob
+from .data import encode_batch
+from .evaluation import batch_logits, sequence_logprob
 from .features import eval_mode
 from .selectors import resolve_budget
 
@@ -61,9 +61,6 @@ def answer_losses(model, tokenizer, prompts: Sequence[str], answers: Sequence[st
     :func:`hf_less.data.tokenize_example`'s ``prompt`` / ``completion`` one, so the answer tokens are
     those the trainer learns.
     """
-    pad = pad_token_id(tokenizer)
-    side = getattr(tokenizer, "padding_side", "right") or "right"
-    device = next(model.parameters()).device
     out = torch.empty(len(prompts), dtype=torch.float64)
     with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
@@ -73,10 +70,7 @@ def answer_losses(model, tokenizer, prompts: Sequence[str], answers: Sequence[st
             # Nothing predicts a row's first token; with left padding a pad position would (an empty prompt
             # and no start token make the first token an answer token), so it is never scored.
             encoded = [(ids, [-100] + lab[1:]) for ids, lab in encoded]
-            batch = {k: v.to(device) for k, v in collate(encoded, pad, side).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"], use_cache=False).logits
-            total, count = sequence_logprob(logits, batch["labels"])
+            total, count = sequence_logprob(*batch_logits(model, tokenizer, encoded))
             out[start:stop] = (-total / count).double().cpu()
     return out
 
@@ -266,9 +260,6 @@ class LocalJudge:
         """``(N, 6)`` log-likelihood of each rating after each rendered prompt."""
         rendered = [_render(self.tokenizer, p) for p in prompts]
         pairs = [(r, rating) for r in rendered for rating in RATINGS]
-        pad = pad_token_id(self.tokenizer)
-        side = getattr(self.tokenizer, "padding_side", "right") or "right"
-        device = next(self.model.parameters()).device
         out = []
         with eval_mode(self.model), torch.no_grad():
             for start in range(0, len(pairs), self.batch_size):
@@ -278,10 +269,7 @@ class LocalJudge:
                 # Score the rating's tokens only, not the end-of-sequence token after it.
                 encoded = [(ids[:-1], lab[:-1]) if ids and ids[-1] == self.tokenizer.eos_token_id and
                            sum(t != -100 for t in lab[1:]) > 1 else (ids, lab) for ids, lab in encoded]
-                batch = {k: v.to(device) for k, v in collate(encoded, pad, side).items()}
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    position_ids=batch["position_ids"], use_cache=False).logits
-                out.append(sequence_logprob(logits, batch["labels"])[0].cpu())
+                out.append(sequence_logprob(*batch_logits(self.model, self.tokenizer, encoded))[0].cpu())
         return torch.cat(out).view(len(prompts), len(RATINGS))
 
     def __call__(self, prompts: Sequence[str]) -> list[float]:

@@ -30,7 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import selectors
-from .data import collate, detect_format, encode_batch, pad_token_id
+from .data import collate, detect_format, encode_batch, pad_token_id, padding_side
+from .featurizer import rows_of
 from .scores import less_score, normalize, subtask_index
 
 REPRESENTATIONS = ("rds", "embedding", "random")
@@ -246,17 +247,6 @@ def random_features(columns: Mapping[str, Sequence[Any]], dim: int = 256, seed: 
 # -- the datasets.map scorer ---------------------------------------------------------------------------------
 
 
-def _columns(data: Any) -> dict[str, list]:
-    if hasattr(data, "column_names") and hasattr(data, "to_dict"):
-        return data.to_dict()
-    if isinstance(data, Mapping):
-        return {k: list(v) for k, v in data.items()}
-    rows = list(data)
-    if not rows:
-        return {}
-    return {k: [r[k] for r in rows] for k in rows[0]}
-
-
 def _module_digest(module: Any) -> str:
     h = hashlib.sha256()
     params = module.named_parameters() if hasattr(module, "named_parameters") else []
@@ -330,7 +320,7 @@ class RepresentationSelector:
             identity.update(model=_module_digest(self.model))
         else:
             identity.update(dim=self.dim, seed=self.seed)
-        columns = _columns(targets)
+        columns = rows_of(targets)
         if not columns or not next(iter(columns.values())):
             raise ValueError("targets is empty: selection needs a few examples of the target task.")
         if subtask_column is not None and subtask_column not in columns:
@@ -347,8 +337,8 @@ class RepresentationSelector:
         """``(B, d)`` float32 L2-normalised features of a batch of examples (dict of columns)."""
         if self.representation == "rds":
             encoded = encode_batch(columns, self.tokenizer, self.max_length)
-            pad = pad_token_id(self.tokenizer) if self.tokenizer is not None else 0
-            side = getattr(self.tokenizer, "padding_side", "right") or "right"
+            pad = pad_token_id(self.tokenizer)
+            side = padding_side(self.tokenizer)
             f = rds_features(self.model, encoded, pad, self.batch_size, side, self.show_progress and len(encoded) > 64)
         elif self.representation == "embedding":
             f = embedding_features(self.model, example_texts(columns, self.tokenizer), self.batch_size)
