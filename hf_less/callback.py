@@ -202,16 +202,14 @@ class LessCallback(TrainerCallback):
                 meta = {**self._identity, "representation": "less-adam" if which == "pool" else "less-grad",
                         "checkpoints": [{"step": step, "digest": digest}], "dtype": self.dtype,
                         "keyed": True, "rows": len(encoded)}
-                store, done = None, None
-                if main:  # an error here must reach every process, or the others would wait forever
-                    try:
-                        store = _fresh_store(captured_dir(ckpt, which), meta)
-                        done = store.num_rows
-                    except Exception as e:  # noqa: BLE001
-                        done = e
-                done = distributed.broadcast(done)
-                if isinstance(done, Exception):
-                    raise done
+                store = None
+
+                def open_store() -> int:  # the main process writes; every process learns where to resume
+                    nonlocal store
+                    store = _fresh_store(captured_dir(ckpt, which), meta)
+                    return store.num_rows
+
+                done = distributed.on_main(open_store)
                 bar = tqdm(total=len(encoded), initial=done, unit="ex", desc=f"LESS capture {which} (step {step})",
                            disable=not (main and self.capture_settings["show_progress"]))
                 for s0 in range(done, len(encoded), self.shard_rows):

@@ -7,7 +7,8 @@ the single-process identity, so the same code runs everywhere.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
@@ -44,6 +45,26 @@ def broadcast(obj: Any) -> Any:
     box = [obj if is_main_process() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+T = TypeVar("T")
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run by the main process only; its result, or the exception it raised, on every process.
+
+    The exception is raised everywhere, so no process waits forever for a main process that failed.
+    """
+    out: Any = None
+    if is_main_process():
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised on every process below
+            out = e
+    out = broadcast(out)
+    if isinstance(out, Exception):
+        raise out
+    return out
 
 
 def barrier() -> None:

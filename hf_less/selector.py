@@ -353,18 +353,16 @@ class LessSelector:
         meta = {**self.identity, "representation": "less-adam", "dtype": dtype, "keyed": True,
                 "rows": len(dataset), "fingerprint": getattr(dataset, "_fingerprint", None)}
         main = distributed.is_main_process()
-        store, done = None, None
-        if main:  # an error here must reach every process, or the others would wait forever
-            try:
-                store = FeatureStore.create(store_dir, meta)
-                done = store.num_rows
-                if done:
-                    self._check_resumed_rows(dataset, store, done, shard_rows)
-            except Exception as e:  # noqa: BLE001
-                done = e
-        done = distributed.broadcast(done)
-        if isinstance(done, Exception):
-            raise done
+        store = None
+
+        def open_store() -> int:  # the main process writes; every process learns where to resume
+            nonlocal store
+            store = FeatureStore.create(store_dir, meta)
+            if store.num_rows:
+                self._check_resumed_rows(dataset, store, store.num_rows, shard_rows)
+            return store.num_rows
+
+        done = distributed.on_main(open_store)
         bar = tqdm(total=len(dataset), initial=done, desc="pool features", unit="ex",
                    disable=not (self.show_progress and main))
         for start in range(done, len(dataset), shard_rows):

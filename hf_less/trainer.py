@@ -207,16 +207,7 @@ class LessSFTTrainer(SFTTrainer):
         if not selector.has_captured_pool:  # every process featurizes its share; the main one writes the store
             store = selector.featurize(self.pool, os.path.join(a.output_dir, FEATURES_SUBDIR, "pool"),
                                        dtype=a.less_store_dtype)
-        result = None
-        if distributed.is_main_process():
-            try:  # an error here must reach every process, or the others would wait forever
-                result = self._order(selector, store, warmup_dir, settings)
-            except Exception as e:  # noqa: BLE001
-                result = e
-        result = distributed.broadcast(result)
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return distributed.on_main(lambda: self._order(selector, store, warmup_dir, settings))
 
     def _order(self, selector: LessSelector, store, warmup_dir, settings) -> tuple[Selection, np.ndarray]:
         a: LessSFTConfig = self.args
