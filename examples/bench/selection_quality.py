@@ -32,6 +32,7 @@ import torch
 from hf_less import selectors
 from hf_less.bigbench import BigBenchConfig, load_bigbench
 from hf_less.checkpoints import atomic_write_json
+from hf_less.cli import text_only
 from hf_less.data import collate, encode_batch, pad_token_id
 from hf_less.evaluation import evaluate_model, sdf
 from hf_less.models import load_model_and_tokenizer
@@ -39,10 +40,6 @@ from hf_less.models import load_model_and_tokenizer
 METHODS = ("zero-shot", "random", "full pool", "LESS-topk", "LESS-round_robin", "LESS-uot", "rds-round_robin",
            "embedding-round_robin", "IFD")
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def text_only(ds):
-    return ds.select_columns(["prompt", "completion"])
 
 
 def lora_train(base, tokenizer, rows, *, epochs: int, lr: float, batch_size: int, max_length: int, seed: int,
