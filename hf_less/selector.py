@@ -21,8 +21,10 @@ from .checkpoints import LessCheckpoint, find_checkpoints
 from .data import detect_format, empty_rows
 from .featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, rows_of
 from .filters import keep_indices
+from .projection import DEFAULT_KIND
 from .scores import less_score, subtask_index, weighted_sims
 from .store import META_FILE, FeatureStore, IncompatibleFeaturesError, check_compatible
+from .streaming import RowReader, expected_rows, known_rows, num_rows
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ class LessSelector:
         targets: the few target-task examples, in any supported format (Dataset, rows, columns).
         tokenizer: needed unless the data is pre-tokenized; loaded from ``model`` when it is a path.
         proj_dim: d of the random projection; ``None`` keeps exact, unprojected gradients.
-        proj_kind: ``"rademacher"`` (default) or ``"gaussian"``.
+        proj_kind: ``"sparse"`` (default; sparse JL, cost independent of d), ``"rademacher"`` (the
+            reference's dense matrix) or ``"gaussian"``; see :mod:`hf_less.projection`.
         proj_seed: the projection seed.
         max_length: truncation length in tokens.
         batch_size: examples per forward/backward pass while featurizing.
@@ -73,7 +76,7 @@ class LessSelector:
         tokenizer=None,
         proj_dim: int | None = 8192,
         *,
-        proj_kind: str = "rademacher",
+        proj_kind: str = DEFAULT_KIND,
         proj_seed: int = 0,
         max_length: int | None = 2048,
         batch_size: int = 8,
@@ -340,35 +343,53 @@ class LessSelector:
                   dtype: str = "float16") -> FeatureStore | None:
         """Write the pool's Adam-direction features at every checkpoint into a feature store.
 
-        Resumes an interrupted run in the same ``store_dir`` from its last complete shard. Under
-        ``torchrun`` / ``accelerate launch`` call it on every process: each computes its share of
-        every shard and the main process writes the store (and returns it; others return ``None``).
-        Rows carry content keys, so a selector with the same settings reuses them by content.
+        ``dataset`` is a ``datasets.Dataset``, a ``datasets.IterableDataset`` (``load_dataset(...,
+        streaming=True)``), a dict of columns, or any iterable of rows: it is read ``shard_rows``
+        rows at a time and only the current shard is tokenized and held, so a pool larger than
+        memory works (a stream's row count goes into the store when it ends).
+
+        Resumes an interrupted run in the same ``store_dir`` from its last complete shard (a
+        stream is read again from its start: the rows already stored are skipped after their
+        content is checked). Under ``torchrun`` / ``accelerate launch`` call it on every process
+        with the same pool: each reads it, computes its share of every shard and the main process
+        writes the store (and returns it; others return ``None``). Rows carry content keys, so a
+        selector with the same settings reuses them by content.
         """
-        if len(dataset) == 0:
-            raise ValueError("The pool is empty: there is nothing to featurize. Pass the candidate examples.")
         if int(shard_rows) < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}.")
-        detect_format(list(dataset.column_names))  # an unrecognised format fails before anything is written
+        shard_rows = int(shard_rows)
+        reader = RowReader(dataset, shard_rows)
+        columns = reader.columns()  # reads the first rows ahead: nothing is written before they are checked
+        if columns is None:
+            raise ValueError("The pool is empty: there is nothing to featurize. Pass the candidate examples.")
+        detect_format(columns)  # an unrecognised format fails before anything is written
         meta = {**self.identity, "representation": "less-adam", "dtype": dtype, "keyed": True,
-                "rows": len(dataset), "fingerprint": getattr(dataset, "_fingerprint", None)}
+                "rows": known_rows(dataset), "fingerprint": getattr(dataset, "_fingerprint", None)}
         main = distributed.is_main_process()
         store = None
 
-        def open_store() -> int:  # the main process writes; every process learns where to resume
+        def open_store() -> tuple[int, int | None]:  # the main process writes; every process learns where to resume
             nonlocal store
             store = FeatureStore.create(store_dir, meta)
-            if store.num_rows:
-                self._check_resumed_rows(dataset, store, store.num_rows, shard_rows)
-            return store.num_rows
+            return store.num_rows, store.meta.get("rows")
 
-        done = distributed.on_main(open_store)
-        bar = tqdm(total=len(dataset), initial=done, desc="pool features", unit="ex",
-                   disable=not (self.show_progress and main))
-        for start in range(done, len(dataset), shard_rows):
-            rows = dataset.select(range(start, min(len(dataset), start + shard_rows)))
-            encoded = self.featurizer.encode(rows, f"pool rows {start}..")
-            ok = self._scorable(encoded, f"pool rows {start}..")
+        done, rows = distributed.on_main(open_store)
+        if done:
+            self._check_resumed_rows(reader, store, done, shard_rows)
+        bar = tqdm(total=rows if rows is not None else expected_rows(dataset), initial=done, desc="pool features",
+                   unit="ex", disable=not (self.show_progress and main))
+        start = done
+        while batch := reader.take(shard_rows):
+            n = num_rows(batch)
+            if rows is not None and start + n > rows:  # a store begun for a shorter pool
+                raise IncompatibleFeaturesError(
+                    f"Cannot resume {str(store_dir)!r}: it holds features of a pool of {rows} rows and this pool "
+                    f"has more (the pool changed since the interrupted run). Use another store_dir, or delete "
+                    "this one to recompute.")
+            where = f"pool rows {start}.."
+            encoded = self.featurizer.encode(batch, where)
+            del batch  # only the encoded shard is needed from here
+            ok = self._scorable(encoded, where)
             try:
                 per_step = {c.step: self._pool_features([encoded[j] for j in ok], i, split=True).numpy()
                             for i, c in enumerate(self.checkpoints)}
@@ -382,26 +403,46 @@ class LessSelector:
             if main:
                 keys = np.frombuffer(b"".join(content_key(e) for e in encoded), dtype=np.uint8).reshape(-1, 16)
                 store.write_shard(per_step, keys, skipped=sorted(set(range(len(encoded))) - set(ok)))
-            bar.update(len(encoded))
+            start += n
+            bar.update(n)
         bar.close()
+        if rows is not None and start < rows:
+            raise IncompatibleFeaturesError(
+                f"Cannot finish {str(store_dir)!r}: it was begun for a pool of {rows} rows and this pool has "
+                f"{start} (the pool changed since the interrupted run). Use another store_dir, or delete this one "
+                "to recompute.")
+        if done:
+            logger.info("Resumed %s: %d rows kept from the interrupted run, %d computed.", store_dir, done,
+                        start - done)
         if main:
             store.finish()
         distributed.barrier()
         return store
 
-    def _check_resumed_rows(self, dataset, store: FeatureStore, done: int, chunk: int) -> None:
-        """Refuse to resume a store whose rows are other examples than the pool's first ``done``."""
-        keys = store.keys()
+    def _check_resumed_rows(self, reader: RowReader, store: FeatureStore | None, done: int, chunk: int) -> None:
+        """Read past the pool's first ``done`` rows, ``chunk`` at a time, refusing to resume a store
+        whose rows are other examples. Collective: the main process (which has ``store``) checks."""
+        keys = store.keys() if store is not None else None
         for start in range(0, done, chunk):
             stop = min(done, start + chunk)
-            encoded = self.featurizer.encode(dataset.select(range(start, stop)), f"pool rows {start}..")
-            mine = np.frombuffer(b"".join(content_key(e) for e in encoded), dtype=np.uint8).reshape(-1, 16)
-            bad = np.flatnonzero((mine != keys[start:stop]).any(1))
-            if len(bad):
-                raise IncompatibleFeaturesError(
-                    f"Cannot resume {str(store.root)!r}: its row {start + int(bad[0])} holds another example "
-                    f"than row {start + int(bad[0])} of this pool (the pool changed since the interrupted run). "
-                    "Use another store_dir, or delete this one to recompute.")
+            batch = reader.take(stop - start)
+
+            def check() -> None:
+                if num_rows(batch) < stop - start:
+                    raise IncompatibleFeaturesError(
+                        f"Cannot resume {str(store.root)!r}: it holds {done} rows and this pool has only "
+                        f"{start + num_rows(batch)} (the pool changed since the interrupted run). Use another "
+                        "store_dir, or delete this one to recompute.")
+                encoded = self.featurizer.encode(batch, f"pool rows {start}..")
+                mine = np.frombuffer(b"".join(content_key(e) for e in encoded), dtype=np.uint8).reshape(-1, 16)
+                bad = np.flatnonzero((mine != keys[start:stop]).any(1))
+                if len(bad):
+                    raise IncompatibleFeaturesError(
+                        f"Cannot resume {str(store.root)!r}: its row {start + int(bad[0])} holds another example "
+                        f"than row {start + int(bad[0])} of this pool (the pool changed since the interrupted run). "
+                        "Use another store_dir, or delete this one to recompute.")
+
+            distributed.on_main(check)
 
     def score_store(self, store: FeatureStore | str | os.PathLike, chunk_rows: int = 16384,
                     precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:

@@ -45,6 +45,9 @@ COMPATIBILITY_KEYS = ("model", "checkpoints", "projection", "dim")
 # Recorded in meta.json but not required to match on resume (a dataset's fingerprint may be random
 # in a new process: resumed rows are matched by their content keys instead).
 INFORMATIONAL_META = ("fingerprint",)
+# Known only once every row is written when the pool is a stream: ``None`` until :meth:`FeatureStore.finish`
+# fills it, and ``None`` on either side matches any value on resume (rows are checked by content key).
+FILLED_AT_FINISH = ("rows",)
 _SHARD_RE = re.compile(r"^shard-\d+\.npy$")
 
 
@@ -58,6 +61,13 @@ def check_compatible(a: dict, b: dict, what: str = "pool and target features",
                                 "(kind, dimension, seed).") -> None:
     """Raise :class:`IncompatibleFeaturesError` naming every field where ``a`` and ``b`` differ."""
     diffs = [k for k in keys if a.get(k) != b.get(k)]
+    pa, pb = a.get("projection") or {}, b.get("projection") or {}
+    if "projection" in diffs and pa.get("kind") == pb.get("kind") and pa.get("version") != pb.get("version"):
+        # Same settings, another generator: no choice of arguments reproduces the old matrix.
+        fix = (f"The {pa.get('kind')!r} projection's generator changed between hf-less versions "
+               f"(version {pa.get('version')} vs {pb.get('version')}): features from the older one cannot be "
+               "compared with new ones. Recompute them: delete the old store (or use another directory) and "
+               "featurize again.")
     if diffs:
         detail = "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diffs)
         raise IncompatibleFeaturesError(f"The {what} were computed differently ({detail}). {fix}")
@@ -149,7 +159,8 @@ class FeatureStore:
             existing = json.loads((root / META_FILE).read_text())
             wanted = json.loads(json.dumps(meta))
             diffs = sorted(k for k in set(existing) | set(wanted)
-                           if k not in INFORMATIONAL_META and existing.get(k) != wanted.get(k))
+                           if k not in INFORMATIONAL_META and existing.get(k) != wanted.get(k)
+                           and not (k in FILLED_AT_FINISH and None in (existing.get(k), wanted.get(k))))
             if diffs:
                 raise IncompatibleFeaturesError(
                     f"{str(root)!r} already holds features computed with other settings (they differ in "
@@ -262,7 +273,20 @@ class FeatureStore:
         self.manifest = manifest
 
     def finish(self) -> None:
-        """Mark the store complete (every row written)."""
+        """Mark the store complete (every row written); fills ``meta["rows"]`` when it was unknown (a stream).
+
+        ``meta.json`` is rewritten (atomically) before the manifest says complete, so a complete
+        store always has its row count.
+        """
+        rows = self.meta.get("rows")
+        if rows is None:
+            meta = {**self.meta, "rows": self.num_rows}
+            _disk_full_hint(atomic_write_json, self.root / META_FILE, meta,
+                            where=f"finishing {str(self.root)!r}", store=self)
+            self.meta = meta
+        elif rows != self.num_rows:
+            raise ValueError(f"The feature store {str(self.root)!r} holds {self.num_rows} rows, its pool "
+                             f"has {rows}: it cannot be finished.")
         manifest = {**self.manifest, "complete": True}
         _disk_full_hint(atomic_write_json, self.root / MANIFEST_FILE, manifest,
                         where=f"finishing {str(self.root)!r}", store=self)
