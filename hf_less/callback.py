@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ from . import distributed
 from .checkpoints import LessCheckpoint, captured_dir, save_less_state
 from .data import n_scored
 from .features import AdamMoments, parameter_key, trainable_parameters
-from .featurizer import Featurizer, adapter_name_of, content_key
+from .featurizer import Encoded, Featurizer, adapter_name_of, content_key
 from .store import FeatureStore, IncompatibleFeaturesError
+from .streaming import RowReader, is_one_shot, known_rows, num_rows
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +109,8 @@ class LessCallback(TrainerCallback):
         self.dtype = dtype
         self.capture_seconds = 0.0
         self._featurizer: Featurizer | None = None
-        self._encoded: dict[str, list] = {}
+        self._encoded: dict[str, list] = {}  # the targets only (few): the pool is encoded shard by shard
+        self._pool_rows: int | None = None  # pool rows to capture, when counted at train begin
         self._lrs: list[tuple[int, float]] = []
         self._last_save_step = 0
         self._keys: dict[int, str] = {}
@@ -128,13 +131,62 @@ class LessCallback(TrainerCallback):
         if self.captures:
             tokenizer = self.tokenizer if self.tokenizer is not None else kwargs.get("processing_class")
             self._featurizer = Featurizer(model, tokenizer, **self.capture_settings)
-            # Tokenized once: every checkpoint featurizes the same examples.
-            self._encoded = {which: [e for e in self._featurizer.encode(data, which) if n_scored(e[1])]
-                             for which, data in (("pool", self.pool), ("targets", self.targets)) if data is not None}
-            empty = [which for which, enc in self._encoded.items() if not enc]
-            if empty:
-                raise ValueError(f"LessCallback was given an empty {empty[0]} dataset to capture.")
+            self._encoded = {}
+            if self.pool is not None:
+                self._pool_rows = self._check_pool()
+            if self.targets is not None:
+                # The targets are few: tokenized once, every checkpoint featurizes the same examples.
+                self._encoded["targets"] = [e for e in self._featurizer.encode(self.targets, "targets")
+                                            if n_scored(e[1])]
+                if not self._encoded["targets"]:
+                    raise ValueError("LessCallback was given an empty targets dataset to capture.")
             self._identity = self._featurizer.identity
+
+    def _check_pool(self) -> int | None:
+        """Check the pool's format and completions at train begin, holding one shard at a time.
+
+        A pool with a length (a ``Dataset``, rows, columns) is read through once: a bad row fails
+        here, not at the first save, and the rows to capture are counted. A streaming
+        ``IterableDataset`` is checked on its first shard only (reading it all would download it
+        before training); its count stays ``None``.
+        """
+        if is_one_shot(self.pool):
+            raise TypeError("LessCallback reads the pool again at every checkpoint: pass a datasets.Dataset, a "
+                            "datasets.IterableDataset, a list of rows or a dict of columns, not a one-shot "
+                            f"{type(self.pool).__name__}.")
+        whole = known_rows(self.pool) is not None
+        reader, kept, start = RowReader(self.pool, self.shard_rows), 0, 0
+        while batch := reader.take(self.shard_rows):
+            kept += sum(1 for e in self._featurizer.encode(batch, f"pool rows {start}..") if n_scored(e[1]))
+            start += num_rows(batch)
+            if not whole:
+                break
+        if start == 0 or (whole and kept == 0):
+            raise ValueError("LessCallback was given an empty pool dataset to capture (no example with a "
+                             "completion token to score).")
+        return kept if whole else None
+
+    def _shards(self, which: str, skip: int) -> Iterator[list[Encoded]]:
+        """The examples to capture, about ``shard_rows`` at a time, after the first ``skip`` (already stored).
+
+        The pool is read and tokenized one shard at a time at every capture (tokenizing costs little
+        next to the gradients), so no process holds the tokenized pool through the run.
+        """
+        if which == "targets":
+            encoded = self._encoded["targets"]
+            for s0 in range(skip, len(encoded), self.shard_rows):
+                yield encoded[s0 : s0 + self.shard_rows]
+            return
+        reader, start = RowReader(self.pool, self.shard_rows), 0
+        while batch := reader.take(self.shard_rows):
+            chunk = [e for e in self._featurizer.encode(batch, f"pool rows {start}..") if n_scored(e[1])]
+            start += num_rows(batch)
+            del batch
+            if skip >= len(chunk):  # stored by an interrupted capture of this checkpoint
+                skip -= len(chunk)
+                continue
+            chunk, skip = chunk[skip:], 0
+            yield chunk
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # Called after optimizer.step() and before the scheduler steps: group 0's lr is the one used.
@@ -197,11 +249,14 @@ class LessCallback(TrainerCallback):
         if main:
             digest = LessCheckpoint(Path(ckpt), step, sum(interval) / len(interval)).digest
         start = time.perf_counter()
+        captured = 0  # rows in the stores, pool and targets
         with training_state_preserved(model):
-            for which, encoded in self._encoded.items():
+            for which in [w for w, data in (("pool", self.pool), ("targets", self.targets)) if data is not None]:
+                # None for a streaming pool: the store counts its rows when it is finished.
+                rows = self._pool_rows if which == "pool" else len(self._encoded["targets"])
                 meta = {**self._identity, "representation": "less-adam" if which == "pool" else "less-grad",
                         "checkpoints": [{"step": step, "digest": digest}], "dtype": self.dtype,
-                        "keyed": True, "rows": len(encoded)}
+                        "keyed": True, "rows": rows}
                 store = None
 
                 def open_store() -> int:  # the main process writes; every process learns where to resume
@@ -210,24 +265,27 @@ class LessCallback(TrainerCallback):
                     return store.num_rows
 
                 done = distributed.on_main(open_store)
-                bar = tqdm(total=len(encoded), initial=done, unit="ex", desc=f"LESS capture {which} (step {step})",
+                bar = tqdm(total=rows, initial=done, unit="ex", desc=f"LESS capture {which} (step {step})",
                            disable=not (main and self.capture_settings["show_progress"]))
-                for s0 in range(done, len(encoded), self.shard_rows):
-                    chunk = encoded[s0 : s0 + self.shard_rows]
-                    feats = self._featurizer(chunk, moments if which == "pool" else None, split=True, progress=bar)
+                written = done
+                for chunk in self._shards(which, done):
+                    # The featurizer advances a bar with a total only (it clips at the total).
+                    feats = self._featurizer(chunk, moments if which == "pool" else None, split=True,
+                                             progress=bar if rows is not None else None)
                     if main:
                         keys = np.frombuffer(b"".join(content_key(e) for e in chunk), np.uint8).reshape(-1, 16)
                         store.write_shard({step: feats.numpy()}, keys)
-                    bar.update(s0 + len(chunk) - bar.n)  # exact at each shard's end
+                    written += len(chunk)
+                    bar.update(written - bar.n)  # exact at each shard's end
                 bar.close()
+                captured += written
                 if main:
                     store.finish()
         seconds = time.perf_counter() - start
         self.capture_seconds += seconds
         if main:
-            n = sum(len(e) for e in self._encoded.values())
-            logger.info("LESS capture at step %d: %d examples in %.1f s", step, n, seconds)
-            state.log_history.append({"less_capture_seconds": round(seconds, 3), "less_capture_examples": n,
+            logger.info("LESS capture at step %d: %d examples in %.1f s", step, captured, seconds)
+            state.log_history.append({"less_capture_seconds": round(seconds, 3), "less_capture_examples": captured,
                                       "step": step})
         distributed.barrier()
 
