@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write_json
 from .report import RunLayout, load_evaluation, precision, report_from_run, write_report
+from .selectors import Budget, parse_budget, resolve_budget
 
 logger = logging.getLogger("hf_less.cli")
 
@@ -125,9 +126,15 @@ class SelectArguments:
 
     strategy: str = field(default="topk", metadata={
         "help": "Passed to LessSelector.select: topk (LESS), random, or any strategy hf_less.selectors offers."})
-    budget: float = field(default=0.05, metadata={"help": "A fraction of the pool (< 1) or a count (>= 1)."})
+    # Budget, not float: "1" must stay the count 1, not become the fraction 1.0 (the whole pool).
+    budget: Budget = field(default=0.05, metadata={
+        "help": "A count of examples, digits only (1 = one example, 500), or a fraction of the pool in (0, 1] "
+                "written with a decimal point (0.05 = 5%%, 1.0 = the whole pool)."})
     name: str | None = field(default=None, metadata={
         "help": "Name of the selection (directory RUN_DIR/selections/NAME; default: the strategy)."})
+
+    def __post_init__(self):
+        self.budget = parse_budget(self.budget)  # the same convention as LessSFTConfig.less_budget
 
 
 @dataclass
@@ -484,7 +491,7 @@ def do_select(selector, scores, sims, rd: RunData, layout: RunLayout, sel: Selec
 
     from .selection import Selection, save_selection
 
-    budget: int | float = int(sel.budget) if sel.budget >= 1 else float(sel.budget)
+    budget = parse_budget(sel.budget)
     scored = text_only(rd.pool).add_column("pool_index", list(range(len(rd.pool))))
     scored = scored.add_column("less_score", [float(s) for s in scores])
     scored = scored.add_column("less_sims", np.asarray(sims, dtype=np.float32).tolist())
@@ -747,12 +754,10 @@ def _training_seconds(k: int, tr: TrainArguments, rd: RunData, train_rate: float
 def _fit_pool_to_time(rd: RunData, layout: RunLayout, demo: DemoArguments, sel: SelectArguments,
                       tr: TrainArguments, clock: _Clock, train_rate: float, checkpoints: int) -> None:
     """Shrink the pool (same share per task) so featurizing it fits the time left, at the measured speed."""
-    from .selectors import resolve_budget
-
     per_example = FEATURE_COST * checkpoints / train_rate
     n = len(rd.pool)
     reserve = 0.0 if demo.skip_training else _training_seconds(
-        resolve_budget(int(sel.budget) if sel.budget >= 1 else sel.budget, n), tr, rd, train_rate)
+        resolve_budget(sel.budget, n), tr, rd, train_rate)
     left = demo.time_budget * 60 - clock.elapsed - 30  # 30 s: selection, report, margins
     fits = int((left - reserve) / per_example)
     tasks = rd.pool[rd.task_column] if rd.task_column in rd.pool.column_names else None

@@ -23,8 +23,10 @@ class LessSFTConfig(SFTConfig):
     the LESS paper's settings (Xia et al. 2024) where it gives one.
     """
 
-    less_budget: float = field(default=0.05, metadata={
-        "help": "How much of the pool to keep: a fraction in (0, 1] (0.05 = 5%), or a count of examples (> 1)."})
+    # Budget, not float: a float option would read "1" as 1.0 (the whole pool) instead of one example.
+    less_budget: selectors.Budget = field(default=0.05, metadata={
+        "help": "How much of the pool to keep: an int count of examples (1 = one example), or a fraction of "
+                "the pool in (0, 1] written with a decimal point (0.05 = 5%%, 1.0 = the whole pool)."})
     less_strategy: str = field(default="topk", metadata={
         "help": f"Selector: one of {', '.join(selectors.STRATEGIES)}. 'topk' is LESS's own; 'random' the baseline."})
     less_proj_dim: int = field(default=8192, metadata={
@@ -63,10 +65,10 @@ class LessSFTConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.less_budget > 0:
-            raise ValueError(f"less_budget={self.less_budget} must be > 0: a fraction in (0, 1] or a count.")
-        if self.less_budget > 1 and self.less_budget != int(self.less_budget):
-            raise ValueError(f"less_budget={self.less_budget}: a count must be a whole number (or give a fraction).")
+        try:  # the convention of selectors.parse_budget, the one every entry point uses
+            self.less_budget = selectors.parse_budget(self.less_budget)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"less_{e}") from None
         if self.less_strategy not in selectors.STRATEGIES:
             raise ValueError(f"less_strategy={self.less_strategy!r} is not one of {selectors.STRATEGIES}.")
         if not 0 < self.less_warmup_fraction <= 1:
@@ -80,8 +82,8 @@ class LessSFTConfig(SFTConfig):
 
     @property
     def less_budget_value(self) -> int | float:
-        """``less_budget`` as ``select`` takes it: a float fraction, or an int count."""
-        return float(self.less_budget) if self.less_budget <= 1 else int(self.less_budget)
+        """``less_budget`` as ``select`` takes it: an int count or a float fraction (parsed in ``__post_init__``)."""
+        return self.less_budget
 
     @property
     def less_projection_dim(self) -> int | None:

@@ -17,10 +17,12 @@ Shapes and symbols used throughout (as in LESS, Nayak et al. 2026 and TSDS, arXi
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import logging
 import math
 import numbers
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,19 +36,71 @@ logger = logging.getLogger(__name__)
 CHUNK_ELEMENTS = 1 << 22
 
 
-def resolve_budget(budget: int | float, pool_size: int) -> int:
-    """A count (int >= 1) or a fraction of the pool (float in (0, 1]) -> a count."""
-    if pool_size <= 0:
-        raise ValueError("The pool is empty: there is nothing to select from.")
+def parse_budget(budget: int | float | str) -> int | float:
+    """A budget checked against the one convention every entry point shares, without a pool size.
+
+    An ``int`` is a count of examples (>= 1); a ``float`` is a fraction of the pool in (0, 1], so
+    ``1`` is one example and ``1.0`` the whole pool. Text (a command-line value) follows the same
+    rule by its spelling: digits only (``"1"``, ``"500"``) is a count, a number with a decimal point
+    or an exponent (``"1.0"``, ``"0.05"``, ``"5e-2"``) is a fraction.
+
+    Returns the budget as an ``int`` count or a ``float`` fraction; raises ``TypeError`` for any
+    other type (``bool`` included) and ``ValueError`` for a value outside the ranges above.
+    """
+    if isinstance(budget, str):
+        text = budget.strip()
+        if re.fullmatch(r"[+-]?\d+", text):
+            budget = int(text)
+        else:
+            try:
+                budget = float(text)
+            except ValueError:
+                raise ValueError(f"budget={budget!r} is not a number: give a count (e.g. 500) or a fraction "
+                                 "of the pool (e.g. 0.05).") from None
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(f"budget must be an int count or a float fraction, got {budget!r}.")
     if isinstance(budget, numbers.Integral):
-        if not 1 <= budget <= pool_size:
-            raise ValueError(f"budget={budget} must be between 1 and the pool size {pool_size} "
-                             "(or a fraction in (0, 1], e.g. budget=0.05).")
+        if budget < 1:
+            raise ValueError(f"budget={budget} must be a count >= 1 (or a fraction in (0, 1], e.g. budget=0.05).")
         return int(budget)
     if not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget={budget} as a fraction must be in (0, 1]; give an int for a count.")
+        # A whole-valued float above 1 (300.0) is a count spelt as a float: say how to write it.
+        hint = f" For a count of {int(budget)} examples give the int {int(budget)}." if (
+            budget > 1 and float(budget).is_integer()) else " Give an int for a count."
+        raise ValueError(f"budget={budget} as a fraction must be in (0, 1] (1.0 is the whole pool).{hint}")
+    return float(budget)
+
+
+class Budget:
+    """The command-line type of a budget option (``HfArgumentParser`` and ``argparse`` call it on the text).
+
+    ``Budget("1")`` is the count ``1`` and ``Budget("1.0")`` the fraction ``1.0``: the value returned
+    is :func:`parse_budget`'s, an ``int`` or a ``float``, never a ``Budget``. A float-typed option
+    would read ``"1"`` as ``1.0`` and lose the difference.
+    """
+
+    def __new__(cls, value: int | float | str) -> int | float:  # type: ignore[misc]
+        try:
+            return parse_budget(value)
+        except (TypeError, ValueError) as e:  # argparse shows this message instead of "invalid Budget value"
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def resolve_budget(budget: int | float | str, pool_size: int) -> int:
+    """The number of examples ``budget`` keeps from a pool of ``pool_size``: the one conversion.
+
+    The convention is :func:`parse_budget`'s (an int is a count, a float in (0, 1] a fraction; text
+    by its spelling). A count must not exceed the pool. A fraction is rounded to the nearest count
+    and keeps at least one example, so a fraction too small to round to a row still selects one.
+    """
+    if pool_size <= 0:
+        raise ValueError("The pool is empty: there is nothing to select from.")
+    budget = parse_budget(budget)
+    if isinstance(budget, int):
+        if budget > pool_size:
+            raise ValueError(f"budget={budget} must be between 1 and the pool size {pool_size} "
+                             "(or a fraction in (0, 1], e.g. budget=0.05).")
+        return budget
     return max(1, int(round(budget * pool_size)))
 
 

@@ -57,6 +57,13 @@ def test_subcommands_end_to_end(tiny, tmp_path, capsys):
     assert topk.extra["target_task"] == "math" and len(topk.checkpoints) == 2
     out = capsys.readouterr().out
     assert "select: topk (topk) kept 5 of 20" in out and "from 'math'" in out
+    # "1" is one example and "1.0" the whole pool, as LessSFTConfig(less_budget=1 / 1.0) (issue 15)
+    assert cli.main(["select", *args, "--budget", "1", "--name", "one"]) == 0
+    assert cli.main(["select", *args, "--budget", "1.0", "--name", "all"]) == 0
+    one, whole = load_selection(layout.selection("one")), load_selection(layout.selection("all"))
+    assert (one.k, one.budget, type(one.budget)) == (1, 1, int) and one.indices == topk.indices[:1]
+    assert (whole.k, whole.budget, type(whole.budget)) == (20, 1.0, float) and whole.indices[:5] == topk.indices
+    capsys.readouterr()
 
     assert cli.main(["train", *args, "--selection", "topk", "--train_epochs", "1"]) == 0
     assert (layout.train / "topk" / "adapter_config.json").exists()
@@ -104,6 +111,28 @@ def test_errors_name_the_fix(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_LESS_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="hf-less select"):
         cli.main(["train", *args, "--selection", "nothing"])
+
+
+@pytest.mark.parametrize("text,budget", [("1", 1), ("1.0", 1.0), ("0.05", 0.05), ("500", 500), ("5e-2", 0.05)])
+def test_budget_text_is_a_count_or_a_fraction(text, budget):
+    """Digits only is a count; a decimal point or an exponent makes a fraction (selectors.parse_budget)."""
+    _, parsed = cli.parse(["select", "--budget", text])
+    (sel,) = [a for a in parsed if isinstance(a, cli.SelectArguments)]
+    assert sel.budget == budget and type(sel.budget) is type(budget)
+
+
+@pytest.mark.parametrize("text,message", [("0", "budget=0 must be a count >= 1"),
+                                          ("-1", "budget=-1 must be a count >= 1"),
+                                          ("2.5", "budget=2.5 as a fraction must be in (0, 1]"),
+                                          ("20.0", "budget=20.0 as a fraction must be in (0, 1] (1.0 is the whole "
+                                                   "pool). For a count of 20 examples give the int 20."),
+                                          ("all", "budget='all' is not a number")])
+def test_bad_budget_text_is_refused_with_the_rule(text, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse(["select", "--budget", text])
+    assert exit_.value.code == 2 and f"argument --budget: {message}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=re.escape(message)):  # built in Python: the same rule
+        cli.SelectArguments(budget=text)
 
 
 def test_help_documents_every_option(capsys):

@@ -371,7 +371,7 @@ def test_budget_outside_the_pool_fails_before_any_work(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="budget=13 must be between 1 and the pool size 12.*fraction"):
         LessSFTTrainer(make_model(len(tokenizer)), args=_config(tmp_path, less_budget=13), train_dataset=pool,
                        target_dataset=TARGETS, processing_class=tokenizer)
-    with pytest.raises(ValueError, match="less_budget=0 must be > 0"):
+    with pytest.raises(ValueError, match="less_budget=0 must be a count >= 1"):
         _config(tmp_path, less_budget=0)
     assert not (tmp_path / "out").exists()
 

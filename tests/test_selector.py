@@ -177,6 +177,18 @@ def test_bad_inputs(tokenizer, warmup, pool, targets):
         selector.select(scored, 2, strategy="nope")
 
 
+@pytest.mark.parametrize("budget,k", [(1, 1), (1.0, 12), ("1", 1), ("1.0", 12), (0.25, 3), (0.01, 1), (12, 12)])
+def test_select_budget_is_a_count_or_a_fraction(tokenizer, warmup, pool, targets, budget, k):
+    """One convention (selectors.resolve_budget): an int counts rows, a float is a share of the pool."""
+    selector = make_selector(tokenizer, warmup, targets, proj_dim=32)
+    scored = pool.map(selector, batched=True)
+    order = np.argsort(-np.array(scored["less_score"]), kind="stable")  # topk, independently
+    assert len(pool) == 12 and selector.select(scored, budget)["prompt"] == [scored["prompt"][i] for i in order[:k]]
+    assert len(scored.filter(selector.filter_fn(scored, budget), with_indices=True)) == k
+    with pytest.raises(ValueError, match=r"budget=13 must be between 1 and the pool size 12"):
+        selector.select(scored, 13)
+
+
 def test_buffered_and_per_parameter_projection_agree(tokenizer, warmup, pool, targets):
     mk = lambda nbytes: make_selector(tokenizer, warmup, targets, proj_dim=128, batch_size=3,
                                       projection_buffer_bytes=nbytes)

@@ -319,3 +319,52 @@ def test_resolve_budget_unchanged():
     with pytest.raises(ValueError):
         selectors.resolve_budget(11, 10)
     assert math.isclose(selectors.resolve_budget(1.0, 3), 3)
+
+
+# One budget convention (issue 15, item 7): an int is a count, a float in (0, 1] a fraction, text by its spelling.
+@pytest.mark.parametrize("budget,pool,k", [
+    (1, 10, 1), (1.0, 10, 10), ("1", 10, 1), ("1.0", 10, 10), (" 7 ", 10, 7), (10, 10, 10),
+    (np.int64(3), 10, 3), (np.float64(0.5), 10, 5), ("0.05", 100, 5), ("5e-2", 100, 5), (0.3, 10, 3),
+    (0.001, 100, 1),  # round(0.1) = 0 rows: a fraction keeps at least one example
+    ("0.001", 100, 1),
+])
+def test_budget_convention(budget, pool, k):
+    assert selectors.resolve_budget(budget, pool) == k
+    assert isinstance(selectors.resolve_budget(budget, pool), int)
+
+
+@pytest.mark.parametrize("budget,error,message", [
+    (0, ValueError, r"budget=0 must be a count >= 1"),
+    (-3, ValueError, r"budget=-3 must be a count >= 1"),
+    ("0", ValueError, r"budget=0 must be a count >= 1"),
+    (11, ValueError, r"budget=11 must be between 1 and the pool size 10"),
+    ("11", ValueError, r"budget=11 must be between 1 and the pool size 10"),
+    (0.0, ValueError, r"budget=0.0 as a fraction must be in \(0, 1\] \(1.0 is the whole pool\). Give an int"),
+    (-0.5, ValueError, r"budget=-0.5 as a fraction must be in \(0, 1\]"),
+    (1.5, ValueError, r"budget=1.5 as a fraction must be in \(0, 1\] .*Give an int for a count"),
+    (300.0, ValueError, r"budget=300.0 as a fraction .* For a count of 300 examples give the int 300\."),
+    ("2.0", ValueError, r"budget=2.0 as a fraction .* give the int 2\."),
+    (float("nan"), ValueError, r"budget=nan as a fraction"),
+    ("five", ValueError, r"budget='five' is not a number"),
+    ("", ValueError, r"budget='' is not a number"),
+    (True, TypeError, r"budget must be an int count or a float fraction, got True"),
+    (None, TypeError, r"budget must be an int count or a float fraction, got None"),
+])
+def test_budget_convention_errors(budget, error, message):
+    with pytest.raises(error, match=message):
+        selectors.resolve_budget(budget, 10)
+    if "pool size" not in message:  # the same check without a pool, as the config makes it
+        with pytest.raises(error, match=message):
+            selectors.parse_budget(budget)
+
+
+def test_budget_argument_type_keeps_count_and_fraction_apart():
+    import argparse
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--budget", type=selectors.Budget, default=0.05)
+    parsed = {text: parser.parse_args(["--budget", text]).budget for text in ("1", "1.0", "0.05", "500")}
+    assert parsed == {"1": 1, "1.0": 1.0, "0.05": 0.05, "500": 500}
+    assert [type(v) for v in parsed.values()] == [int, float, float, int]
+    with pytest.raises(argparse.ArgumentError, match=r"budget=1.5 as a fraction must be in \(0, 1\]"):
+        parser.parse_args(["--budget", "1.5"])

@@ -64,12 +64,32 @@ def test_config_is_read_from_the_command_line(tmp_path):
     assert config(tmp_path, less_budget=300).less_budget_value == 300
 
 
-@pytest.mark.parametrize("kw,message", [({"less_budget": 0}, "less_budget"), ({"less_budget": 2.5}, "whole number"),
+@pytest.mark.parametrize("kw,message", [({"less_budget": 0}, r"less_budget=0 must be a count >= 1"),
+                                        ({"less_budget": -2}, r"less_budget=-2 must be a count >= 1"),
+                                        ({"less_budget": 2.5}, r"less_budget=2.5 as a fraction must be in \(0, 1\]"),
+                                        ({"less_budget": 300.0}, r"less_budget=300.0 .*give the int 300"),
+                                        ({"less_budget": "1.5"}, r"less_budget=1.5 as a fraction"),
                                         ({"less_strategy": "best"}, "less_strategy"),
                                         ({"less_warmup_fraction": 0}, "less_warmup_fraction")])
 def test_config_refuses_bad_values(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path, **kw)
+
+
+def test_config_budget_is_the_selectors_convention(tmp_path):
+    """1 is one example and 1.0 the whole pool, from Python and from the command line alike (issue 15)."""
+    from hf_less import selectors
+
+    parse = lambda text: HfArgumentParser(LessSFTConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--less_budget", text])[0].less_budget_value
+    for given, want in ((1, 1), (1.0, 12), ("1", 1), ("1.0", 12), (0.25, 3), (12, 12), (0.001, 1)):
+        budget = config(tmp_path, less_budget=given).less_budget_value
+        assert selectors.resolve_budget(budget, len(POOL)) == want, given
+        if isinstance(given, str):
+            assert parse(given) == budget and type(parse(given)) is type(budget)
+    assert (type(parse("1")), type(parse("1.0"))) == (int, float)
+    with pytest.raises(SystemExit):  # argparse reports the convention's message and exits
+        parse("0")
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +240,17 @@ def test_a_pool_with_nothing_selectable_is_a_clear_error(run, tokenizer, tmp_pat
     with pytest.raises(ValueError, match="every one was skipped.*max_length"):
         trainer.select_data()
     assert not (tmp_path / "less_selection.json").exists()
+
+
+@pytest.mark.parametrize("budget,k", [(1, 1), (1.0, len(POOL)), (0.25, 3)])
+def test_trainer_budget_is_a_count_or_a_fraction(run, tokenizer, tmp_path, budget, k):
+    """less_budget=1 keeps one example, 1.0 the whole pool: the order is the run's topk order, cut at k."""
+    trainer, _, out = run
+    again = LessSFTTrainer(make_model(len(tokenizer)),
+                           args=config(tmp_path, less_warmup_dir=str(out / "less_warmup"), less_budget=budget),
+                           train_dataset=Dataset.from_list(POOL), target_dataset=Dataset.from_list(TARGETS),
+                           processing_class=tokenizer, peft_config=lora_config())
+    chosen = again.select_data()
+    full_order = list(np.argsort(-load_pool_scores(out), kind="stable"))
+    assert chosen == full_order[:k]
+    assert load_selection(tmp_path).budget == budget and type(load_selection(tmp_path).budget) is type(budget)
