@@ -22,6 +22,7 @@ from .checkpoints import LessCheckpoint, captured_dir, save_less_state
 from .data import n_scored
 from .features import AdamMoments, parameter_key, trainable_parameters
 from .featurizer import Encoded, Featurizer, adapter_name_of, content_key
+from .projection import DEFAULT_KIND
 from .store import FeatureStore, IncompatibleFeaturesError
 from .streaming import RowReader, is_one_shot, known_rows, num_rows
 
@@ -94,7 +95,7 @@ class LessCallback(TrainerCallback):
     """
 
     def __init__(self, output_dir: str | os.PathLike | None = None, pool: Any = None, targets: Any = None,
-                 proj_dim: int | None = 8192, *, proj_kind: str = "rademacher", proj_seed: int = 0,
+                 proj_dim: int | None = 8192, *, proj_kind: str = DEFAULT_KIND, proj_seed: int = 0,
                  max_length: int | None = 2048, batch_size: int = 8, projection_buffer_bytes: int = 2**30,
                  tokenizer=None, shard_rows: int = 1024, dtype: str = "float16", show_progress: bool = True,
                  on_empty_completion: str = "error"):

@@ -31,6 +31,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write_json
+from .projection import DEFAULT_KIND
 from .report import RunLayout, load_evaluation, precision, report_from_run, write_report
 from .selectors import Budget, parse_budget, resolve_budget
 
@@ -117,6 +118,9 @@ class FeaturizeArguments:
     """Gradient features of the pool (Adam direction) and of the targets (plain gradient)."""
 
     proj_dim: int = field(default=8192, metadata={"help": "Random-projection dimension d (reference 8192); 0 = exact."})
+    proj_kind: str = field(default=DEFAULT_KIND, metadata={
+        "help": "Projection: sparse (default; sparse JL, cost independent of d), rademacher (the reference's "
+                "dense +-1 matrix) or gaussian."})
     checkpoints: list[int] | None = field(default=None, metadata={"help": "Warmup steps to use (default: all)."})
 
 
@@ -451,14 +455,18 @@ def make_selector(base_model, tokenizer, rd: RunData, layout: RunLayout, model_a
     from .selector import LessSelector
 
     return LessSelector(base_model, layout.warmup, text_only(rd.targets), tokenizer=tokenizer,
-                        proj_dim=feat.proj_dim or None, max_length=model_args.max_length,
+                        proj_dim=feat.proj_dim or None, proj_kind=feat.proj_kind, max_length=model_args.max_length,
                         batch_size=model_args.batch_size, checkpoints=feat.checkpoints, show_progress=not run.quiet)
 
 
 def _shard_rows(selector) -> int:
-    """Small shards (a moving progress bar, cheap resumes) when the projection matrix stays cached between
-    shards; large ones otherwise, since each shard would regenerate the whole matrix."""
-    proj_dim = (getattr(selector, "identity", None) or {}).get("dim") or 0
+    """Small shards (a moving progress bar, cheap resumes) when there is no dense matrix (sparse or exact
+    features) or it stays cached between shards; large ones otherwise, since each shard would
+    regenerate the whole matrix."""
+    projection = (getattr(selector, "identity", None) or {}).get("projection") or {}
+    if projection.get("kind", "sparse") == "sparse":
+        return 32
+    proj_dim = projection.get("dim") or 0
     params = sum(p.numel() for p in selector.model.parameters() if p.requires_grad)
     return 32 if params * proj_dim * 2 <= 2**30 else 4096
 
@@ -471,6 +479,7 @@ def do_featurize(selector, rd: RunData, layout: RunLayout):
     identity = getattr(selector, "identity", {})
     (layout.features / "featurize.json").write_text(json.dumps({
         "proj_dim": identity.get("dim") if identity.get("projection") else 0,
+        "proj_kind": (identity.get("projection") or {}).get("kind", DEFAULT_KIND),
         "checkpoints": [c.step for c in selector.checkpoints]}, indent=2))
     targets = getattr(selector, "target_features", None)
     if targets is not None:
@@ -860,7 +869,8 @@ def cmd_select(run, data, model_args, feat, sel):
     saved = layout.features / "featurize.json"
     if saved.exists():  # score with the projection and checkpoints the store was written with
         stored = json.loads(saved.read_text())
-        feat = FeaturizeArguments(proj_dim=stored["proj_dim"], checkpoints=stored["checkpoints"])
+        feat = FeaturizeArguments(proj_dim=stored["proj_dim"], proj_kind=stored.get("proj_kind", "rademacher"),
+                                  checkpoints=stored["checkpoints"])
     selector = make_selector(model, tokenizer, rd, layout, model_args, feat, run)
     scores, sims = selector.score_store(layout.store)
     do_select(selector, np.asarray(scores), np.asarray(sims), rd, layout, sel, run)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import check_on_empty, collate, detect_format, encode_batch, pad_token_id, padding_side
 from .features import AdamMoments, PerExampleGradients, batch_order, eval_mode, gradient_features
-from .projection import RandomProjector
+from .projection import DEFAULT_KIND, make_projector
 from .scores import normalize
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class Featurizer:
         model: the model whose trainable parameters are featurized (usually a ``PeftModel``).
         tokenizer: turns text formats into ids; ``None`` for pre-tokenized data.
         proj_dim: d of the random projection; ``None`` keeps the exact P-dimensional gradients.
-        proj_kind, proj_seed: the projection (see :class:`hf_less.projection.RandomProjector`).
+        proj_kind, proj_seed: the projection (see :mod:`hf_less.projection`; ``"sparse"`` by default,
+            ``"rademacher"`` is the reference's dense matrix).
         max_length: truncation length in tokens.
         batch_size: examples per forward/backward pass.
         projection_buffer_bytes: memory for exact gradients projected together.
@@ -123,7 +124,7 @@ class Featurizer:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, proj_dim: int | None = 8192, *,
-                 proj_kind: str = "rademacher", proj_seed: int = 0, max_length: int | None = 2048,
+                 proj_kind: str = DEFAULT_KIND, proj_seed: int = 0, max_length: int | None = 2048,
                  batch_size: int = 8, projection_buffer_bytes: int = 2**30, show_progress: bool = True,
                  on_empty_completion: str = "error"):
         if int(batch_size) < 1:
@@ -136,7 +137,7 @@ class Featurizer:
         self.projection_buffer_bytes = int(projection_buffer_bytes)
         self.show_progress = show_progress
         self.grads = PerExampleGradients(model, adapter_name_of(model))
-        self.projector = None if proj_dim is None else RandomProjector(self.grads.dim, proj_dim, proj_kind, proj_seed)
+        self.projector = None if proj_dim is None else make_projector(self.grads.dim, proj_dim, proj_kind, proj_seed)
         self.dim = self.grads.dim if proj_dim is None else int(proj_dim)
 
     @property
@@ -167,7 +168,7 @@ class Featurizer:
     def units(self, encoded: Sequence[Encoded]) -> list[list[list[int]]]:
         """Length-sorted micro-batches grouped into units projected together (see module doc)."""
         batches = batch_order([len(ids) for ids, _ in encoded], self.batch_size)
-        if self.projector is None:
+        if self.projector is None or not self.projector.buffered:  # nothing to amortise over rows
             return [[b] for b in batches]
         per_row = self._row_bytes()
         units: list[list[list[int]]] = []
@@ -196,8 +197,10 @@ class Featurizer:
         side = padding_side(self.tokenizer)
         device = self.device
         rows = sum(len(b) for b in unit)
-        # When one batch's exact gradients exceed the buffer, project each parameter as it is formed.
-        one_by_one = self.projector is not None and len(unit[0]) * self._row_bytes() > self.projection_buffer_bytes
+        # Project each parameter as it is formed when there is no matrix to amortise (sparse) or when
+        # one batch's exact gradients exceed the buffer.
+        one_by_one = self.projector is not None and (
+            not self.projector.buffered or len(unit[0]) * self._row_bytes() > self.projection_buffer_bytes)
         buffered = self.projector is not None and not one_by_one
         parts: list[torch.Tensor] = []
         buf = (torch.empty((rows, self.grads.dim), dtype=self.projector.compute_dtype, device=device)

@@ -6,7 +6,7 @@ import torch
 from hf_less.data import collate, encode_batch
 from hf_less.features import (AdamMoments, PerExampleGradients, adam_direction, eval_mode,
                               gradient_features, parameter_key, per_example_loss)
-from hf_less.projection import RandomProjector
+from hf_less.projection import make_projector
 
 from .conftest import make_lora_model, toy_tasks
 
@@ -99,9 +99,10 @@ def test_pool_features_are_adam_directions(lora_model, tokenizer, encoded):
             torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-5)
 
 
-def test_projected_features_equal_projection_of_exact(lora_model, tokenizer, encoded):
+@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+def test_projected_features_equal_projection_of_exact(lora_model, tokenizer, encoded, kind):
     grads = PerExampleGradients(lora_model)
-    proj = RandomProjector(grads.dim, 256, seed=0)
+    proj = make_projector(grads.dim, 256, kind, seed=0)
     batch = collate(encoded, tokenizer.pad_token_id)
     with eval_mode(lora_model):
         exact = gradient_features(grads, batch)
@@ -173,9 +174,9 @@ def test_autocast_is_off_on_cpu():
     assert isinstance(autocast_context(torch.device("cpu")), contextlib.nullcontext)
 
 
-@pytest.mark.parametrize("buffer_rows", [1, 100])
-def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, buffer_rows):
-    """Buffered units, one-by-one projection and the naive per-example loop agree."""
+@pytest.mark.parametrize("kind,buffer_rows", [("rademacher", 1), ("rademacher", 100), ("sparse", 100)])
+def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, kind, buffer_rows):
+    """Buffered units, one-by-one projection and the naive per-example loop agree, for each kind."""
     from hf_less.featurizer import Featurizer
 
     from .test_projection import dense_matrix
@@ -185,10 +186,10 @@ def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, 
     m = torch.cat([moments.exp_avg[k].reshape(-1) for k in grads.keys])
     v = torch.cat([moments.exp_avg_sq[k].reshape(-1) for k in grads.keys])
     d = 128
-    feat = Featurizer(lora_model, tokenizer, d, batch_size=2, show_progress=False,
+    feat = Featurizer(lora_model, tokenizer, d, proj_kind=kind, batch_size=2, show_progress=False,
                       projection_buffer_bytes=buffer_rows * grads.dim * 4)
     out = feat(encoded, moments)
-    R = dense_matrix(grads.dim, d, "rademacher", 0)
+    R = dense_matrix(grads.dim, d, kind, 0)
     with eval_mode(lora_model):
         g = torch.stack([naive_gradient(lora_model, i, lab) for i, lab in encoded])
     # The Adam formula written out (checked elementwise against the paper in another test).

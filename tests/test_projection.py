@@ -1,15 +1,64 @@
-"""Seeded random projection: determinism, scaling, chunking, Johnson-Lindenstrauss."""
+"""Seeded random projections: determinism, device-independent generators, scaling, chunking, JL."""
 
 import math
 
 import pytest
 import torch
 
-from hf_less.projection import BLOCK_ROWS, RandomProjector, projection_block
+from hf_less.projection import (BLOCK_ROWS, MATRIX_VERSIONS, RandomProjector, SparseProjector, make_projector,
+                                projection_block)
+
+M32 = 0xFFFFFFFF
 
 
-def dense_matrix(P, d, kind, seed):
-    """Independent assembly of the whole matrix from its blocks, scaled by 1/sqrt(d)."""
+# -- an independent reference: the generators written with Python integers (no overflow possible) --
+
+def py_mix32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & M32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
+
+
+def py_splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return z ^ (z >> 31)
+
+
+def py_key(seed: int, stream: int) -> int:
+    return py_splitmix64(py_splitmix64(seed) ^ stream) & M32
+
+
+def py_hashed(counter: int, key: int) -> int:
+    return py_mix32(py_mix32(counter ^ key) ^ (key >> 1))
+
+
+def py_rademacher(seed: int, row: int, col: int) -> float:
+    """Entry (row, col) of the unscaled Rademacher matrix, from the documented hash."""
+    row_hash = py_hashed(row, py_key(seed, 0))
+    word = py_mix32(((row_hash + (col // 32) * 0x9E3779B9) & M32) ^ py_key(seed, 1))
+    return 1.0 if (word >> (col % 32)) & 1 else -1.0
+
+
+def py_sparse_matrix(P: int, d: int, seed: int, nnz: int) -> torch.Tensor:
+    """The sparse projection as a dense ``(P, d)`` matrix, built coordinate by coordinate."""
+    S = torch.zeros(P, d, dtype=torch.float64)
+    bounds = [k * d // nnz for k in range(nnz + 1)]
+    for k in range(nnz):
+        key, width = py_key(seed, 2 + k), bounds[k + 1] - bounds[k]
+        for j in range(P):
+            h = py_hashed(j, key)
+            S[j, bounds[k] + (h >> 1) % width] += -1.0 if h & 1 else 1.0
+    return S / math.sqrt(nnz)
+
+
+def dense_matrix(P, d, kind, seed, nnz=4):
+    """The whole projection as a ``(P, d)`` matrix (scaled): ``proj(x) == x @ dense_matrix``."""
+    if kind == "sparse":
+        return py_sparse_matrix(P, d, seed, nnz).float()
     blocks = []
     for k in range(math.ceil(P / BLOCK_ROWS)):
         rows = min(BLOCK_ROWS, P - k * BLOCK_ROWS)
@@ -17,16 +66,87 @@ def dense_matrix(P, d, kind, seed):
     return torch.cat(blocks) / math.sqrt(d)
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sparse"])
 def test_project_equals_dense_matmul_and_chunks_add_up(kind):
     P, d = BLOCK_ROWS + 1000, 64
     x = torch.randn(5, P)
-    proj = RandomProjector(P, d, kind=kind, seed=3)
+    proj = make_projector(P, d, kind, seed=3)
     R = dense_matrix(P, d, kind, 3)
     torch.testing.assert_close(proj(x), x @ R, rtol=1e-4, atol=1e-4)
     cut = 3001  # a slice boundary inside a block
     chunked = proj.project(x[:, :cut], 0) + proj.project(x[:, cut:], cut)
     torch.testing.assert_close(chunked, x @ R, rtol=1e-4, atol=1e-4)
+
+
+def test_rademacher_bits_follow_the_documented_hash():
+    # Rows far apart, inside and across blocks, and columns in several words.
+    seed, d = 12345, 100
+    for row in (0, 1, 4095, 4096, 70001):
+        got = projection_block("rademacher", seed, row // BLOCK_ROWS, row % BLOCK_ROWS + 1, d)[row % BLOCK_ROWS]
+        want = torch.tensor([py_rademacher(seed, row, c) for c in range(d)])
+        assert torch.equal(got, want), row
+
+
+def test_rademacher_rows_do_not_depend_on_the_request():
+    from hf_less.projection import rademacher_words
+
+    whole = rademacher_words(7, 4000, 300, 200)
+    assert torch.equal(rademacher_words(7, 4100, 10, 200), whole[100:110])
+    # A block's first rows are the same whatever number of rows is asked for.
+    assert torch.equal(projection_block("rademacher", 7, 1, 37, 64), projection_block("rademacher", 7, 1, 500, 64)[:37])
+
+
+def test_rademacher_columns_are_nearly_orthogonal():
+    # R^T R / P -> I: no correlation between columns (neighbouring bits of one word, or neighbouring words).
+    P, d = 20000, 96
+    R = projection_block("rademacher", 0, 0, BLOCK_ROWS, d)
+    for k in range(1, math.ceil(P / BLOCK_ROWS)):
+        R = torch.cat([R, projection_block("rademacher", 0, k, min(BLOCK_ROWS, P - k * BLOCK_ROWS), d)])
+    gram = R.T @ R / P
+    off = gram - torch.eye(d)
+    assert off.abs().max() < 5 / math.sqrt(P), off.abs().max()  # about 1/sqrt(P) each
+    # Neighbouring rows (consecutive counters) are uncorrelated: their correlations average 0 with
+    # the variance 1/d of independent rows.
+    adjacent = (R[:-1] * R[1:]).sum(1) / d
+    assert abs(adjacent.mean()) < 0.01 and abs(adjacent.square().mean() * d - 1) < 0.1
+
+
+def test_sparse_bits_follow_the_documented_hash_and_each_coordinate_has_unit_norm():
+    from hf_less.projection import sparse_targets
+
+    P, d, nnz = 300, 40, 4
+    S = py_sparse_matrix(P, d, 9, nnz)
+    eye = torch.eye(P)
+    torch.testing.assert_close(SparseProjector(P, d, seed=9, nnz=nnz)(eye).double(), S, rtol=0, atol=1e-7)
+    # One entry per slice: s entries of +-1/sqrt(s) per coordinate, so ||S e_j|| = 1 exactly.
+    assert ((S != 0).sum(1) == nnz).all() and torch.allclose(S.norm(dim=1), torch.ones(P, dtype=torch.float64))
+    t = sparse_targets(9, 0, P, d, nnz)
+    assert t.shape == (nnz, P) and int(t.min()) >= 0 and int(t.max()) < 2 * d
+
+
+def test_sparse_slices_cover_every_output_coordinate():
+    from hf_less.projection import sparse_slices
+
+    for d, s in [(8192, 4), (100, 3), (7, 7), (5, 1)]:
+        cuts = sparse_slices(d, s)
+        assert sum(w for _, w in cuts) == d and cuts[0][0] == 0
+        assert all(a + w == b for (a, w), (b, _) in zip(cuts, cuts[1:]))
+    counts = torch.zeros(64)
+    counts.index_add_(0, SparseProjector(20000, 64, nnz=4).targets(0, 20000)[0] % 64, torch.ones(20000))
+    assert (counts[:16] > 0).all() and (counts[16:] == 0).all()  # slice 0 is [0, 16), filled evenly
+    assert counts[:16].std() / counts[:16].mean() < 0.1
+
+
+@pytest.mark.parametrize("kind", ["sparse", "rademacher", "gaussian"])
+def test_inner_products_preserved_in_expectation(kind):
+    # E[<Rx, Ry>] = <x, y>: average over many seeds.
+    P, d = 200, 16
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, P, generator=g), torch.randn(1, P, generator=g)
+    est = torch.stack([(make_projector(P, d, kind, seed=s)(x) * make_projector(P, d, kind, seed=s)(y)).sum()
+                       for s in range(400)]).mean()
+    exact = (x * y).sum()
+    assert abs(est - exact) < 0.15 * x.norm() * y.norm()
 
 
 def test_rademacher_entries_and_seed():
@@ -37,78 +157,125 @@ def test_rademacher_entries_and_seed():
     assert not torch.equal(b, projection_block("rademacher", 0, 1, 100, 32))
 
 
-def test_batch_size_does_not_change_projection():
+@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+def test_batch_size_does_not_change_projection(kind):
     P, d = 3000, 128
     x = torch.randn(7, P)
-    proj = RandomProjector(P, d, seed=0)
-    full = proj(x)
-    rows = torch.cat([RandomProjector(P, d, seed=0)(x[i : i + 1]) for i in range(7)])
-    torch.testing.assert_close(full, rows, rtol=1e-5, atol=1e-5)
+    full = make_projector(P, d, kind, seed=0)(x)
+    rows = torch.cat([make_projector(P, d, kind, seed=0)(x[i : i + 1]) for i in range(7)])
+    torch.testing.assert_close(full, rows, rtol=1e-5, atol=1e-5 * full.abs().max().item())
 
 
-def test_inner_products_preserved_in_expectation():
-    # E[<Rx, Ry>] = <x, y>: average over many seeds.
-    P, d = 200, 16
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(1, P, generator=g), torch.randn(1, P, generator=g)
-    est = torch.stack([(RandomProjector(P, d, seed=s)(x) * RandomProjector(P, d, seed=s)(y)).sum()
-                       for s in range(400)]).mean()
-    exact = (x * y).sum()
-    assert abs(est - exact) < 0.15 * x.norm() * y.norm()
+def _cos(a):
+    n = torch.nn.functional.normalize(a, dim=1)
+    return n @ n.T
 
 
-def test_johnson_lindenstrauss_cosines_track_exact():
+@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+def test_johnson_lindenstrauss_cosines_track_exact(kind):
+    # The same data and tolerance for every kind: the sparse projection is held to the dense one's bound.
     P, d = 5000, 2048
     g = torch.Generator().manual_seed(1)
     base = torch.randn(1, P, generator=g)
     x = base + torch.randn(20, P, generator=g) * torch.linspace(0.1, 3, 20)[:, None]
-    proj = RandomProjector(P, d, seed=0)(x)
-    cos = lambda a: torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(a, dim=1).T
-    err = (cos(proj) - cos(x)).abs().max()
+    err = (_cos(make_projector(P, d, kind, seed=0)(x)) - _cos(x)).abs().max()
     assert err < 4 / math.sqrt(d)
 
 
+@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+def test_johnson_lindenstrauss_on_heavy_tailed_gradients(kind):
+    # Coordinates of very different sizes (as LoRA gradients have) collide in sparse buckets: s = 4
+    # keeps the error within the dense bound, over several seeds.
+    P, d = 20000, 2048
+    x = gradient_like(16, P, seed=2)
+    for seed in range(3):
+        err = (_cos(make_projector(P, d, kind, seed=seed)(x)) - _cos(x)).abs().max()
+        assert err < 4 / math.sqrt(d), (seed, err)
+
+
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="Unknown projection kind"):
+    with pytest.raises(ValueError, match="Unknown projection kind 'count'"):
+        make_projector(10, 4, "count")
+    with pytest.raises(ValueError, match="use SparseProjector or make_projector"):
         RandomProjector(10, 4, kind="sparse")
-    with pytest.raises(ValueError, match="proj_dim must be a positive int"):
-        RandomProjector(10, 0)
-    with pytest.raises(ValueError, match="Expected vectors of length 10"):
-        RandomProjector(10, 4)(torch.zeros(1, 11))
+    for kind in ("sparse", "rademacher"):
+        with pytest.raises(ValueError, match="proj_dim must be a positive int"):
+            make_projector(10, 0, kind)
+        with pytest.raises(ValueError, match="Expected vectors of length 10"):
+            make_projector(10, 4, kind)(torch.zeros(1, 11))
+        with pytest.raises(ValueError, match=r"Coordinates \[8, 11\) fall outside \[0, 10\)"):
+            make_projector(10, 4, kind).project(torch.zeros(1, 3), 8)
+    with pytest.raises(ValueError, match=r"nnz \(s\) must be an int in \[1, proj_dim=4\]"):
+        SparseProjector(10, 4, nnz=5)
+    with pytest.raises(ValueError, match="generators count them in 32 bits"):
+        SparseProjector(2**32 + 1, 4)
 
 
-# -- matrix generation (version 2: packed words expanded through a sign table) --------------------
-
-def test_packed_rademacher_is_balanced_and_independent_of_rows_and_dtype():
-    from hf_less.projection import expand_signs, packed_signs
+def test_packed_rademacher_is_balanced_and_independent_of_dtype():
+    from hf_less.projection import expand_signs, rademacher_words
 
     full = projection_block("rademacher", 5, 2, BLOCK_ROWS, 100)
     assert set(full.unique().tolist()) == {-1.0, 1.0}
     assert abs(full.mean().item()) < 0.01  # 409,600 fair signs
-    # A block's rows do not depend on how many of them are asked for, nor on the dtype.
-    torch.testing.assert_close(projection_block("rademacher", 5, 2, 37, 100), full[:37], rtol=0, atol=0)
     bf16 = projection_block("rademacher", 5, 2, BLOCK_ROWS, 100, dtype=torch.bfloat16)
     assert torch.equal(bf16.float(), full)
     # Entry 32 c + j is +1 iff bit j of word c is set.
-    words = packed_signs(5, 2, 100)
+    words = rademacher_words(5, 2 * BLOCK_ROWS, BLOCK_ROWS, 100)
     assert words.shape == (BLOCK_ROWS, 4) and int(words.max()) < 2**32 and int(words.min()) >= 0
     bit = (words[7, 1].item() >> 3) & 1
     assert full[7, 32 + 3].item() == (1.0 if bit else -1.0)
     assert torch.equal(expand_signs(words[:3], 100), full[:3])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_matrix_is_the_same_on_the_gpu():
+def test_generators_give_the_same_bits_on_the_gpu():
+    from hf_less.projection import sparse_targets
+
     for kind in ("rademacher", "gaussian"):
         cpu = projection_block(kind, 1, 3, 500, 64)
         gpu = projection_block(kind, 1, 3, 500, 64, device="cuda")
         assert torch.equal(gpu.cpu(), cpu)
+    assert torch.equal(sparse_targets(1, 123456, 5000, 8192, 4, "cuda").cpu(), sparse_targets(1, 123456, 5000, 8192, 4))
+    x = torch.randn(4, 30000)
+    for kind in ("sparse", "rademacher"):
+        a = make_projector(30000, 512, kind, seed=2, **({} if kind == "sparse" else {"precision": "float32"}))(x)
+        b = make_projector(30000, 512, kind, seed=2, **({} if kind == "sparse" else {"precision": "float32"}))(
+            x.cuda()).cpu()
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 def test_identity_names_the_generation_version():
-    from hf_less.projection import MATRIX_VERSION
+    assert RandomProjector(10, 4).identity["version"] == MATRIX_VERSIONS["rademacher"] == 3
+    assert SparseProjector(10, 4, nnz=2).identity == {"kind": "sparse", "dim": 4, "seed": 0, "dim_in": 10, "nnz": 2,
+                                                      "version": MATRIX_VERSIONS["sparse"]}
 
-    assert RandomProjector(10, 4).identity["version"] == MATRIX_VERSION == 2
+
+def test_features_of_an_older_generator_are_refused_with_recompute():
+    from hf_less.store import IncompatibleFeaturesError, check_compatible
+
+    new = {"projection": RandomProjector(10, 4).identity, "dim": 4}
+    old = {"projection": {**new["projection"], "version": 2}, "dim": 4}
+    with pytest.raises(IncompatibleFeaturesError, match="generator changed.*version 2 vs 3.*Recompute"):
+        check_compatible(old, new)
+    check_compatible(new, dict(new))  # the same generator passes
+
+
+def test_default_kind_is_sparse_everywhere():
+    import dataclasses
+    import inspect
+
+    from hf_less import LessCallback, LessSelector, LessSFTConfig
+    from hf_less.cli import FeaturizeArguments
+    from hf_less.featurizer import Featurizer
+    from hf_less.projection import DEFAULT_KIND
+
+    assert DEFAULT_KIND == "sparse"
+    for fn in (LessSelector.__init__, LessCallback.__init__, Featurizer.__init__):
+        assert inspect.signature(fn).parameters["proj_kind"].default == DEFAULT_KIND
+    fields = {f.name: f.default for f in dataclasses.fields(LessSFTConfig)}
+    assert fields["less_proj_kind"] == DEFAULT_KIND
+    assert FeaturizeArguments().proj_kind == DEFAULT_KIND
 
 
 # -- reduced precision ---------------------------------------------------------------------------
@@ -164,6 +331,15 @@ def test_cache_keeps_the_first_blocks_of_a_sweep():
     proj = RandomProjector(P, d, cache_bytes=2 * block_bytes + 10)
     x = torch.randn(2, P)
     a = proj(x)
-    assert sorted(k for k, *_ in proj._cache) == [0, 1] and proj._cached_bytes <= proj.cache_bytes
+    assert sorted(k for k, *_ in proj._cache.keys()) == [0, 1] and proj._cache.nbytes <= proj.cache_bytes
     torch.testing.assert_close(proj(x), a, rtol=0, atol=0)  # cached and regenerated blocks agree
-    assert sorted(k for k, *_ in proj._cache) == [0, 1]
+    assert sorted(k for k, *_ in proj._cache.keys()) == [0, 1]
+
+
+def test_sparse_cache_holds_the_targets_of_each_slice():
+    proj = SparseProjector(1000, 64, nnz=2, cache_bytes=2 * 600 * 8 + 10)
+    x = torch.randn(3, 1000)
+    a = proj.project(x[:, :600], 0) + proj.project(x[:, 600:], 600)
+    assert proj._cache.keys() == [(0, 600, "cpu")]  # the second slice did not fit
+    b = proj.project(x[:, :600], 0) + proj.project(x[:, 600:], 600)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
