@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from . import distributed
+from . import distributed, sharded
 from .checkpoints import LessCheckpoint, captured_dir, save_less_state
 from .data import n_scored
 from .features import AdamMoments, parameter_key, trainable_parameters
@@ -115,17 +115,25 @@ class LessCallback(TrainerCallback):
         self._lrs: list[tuple[int, float]] = []
         self._last_save_step = 0
         self._keys: dict[int, str] = {}
+        self._fsdp = False  # set at train begin: moments are then gathered from the shards at every save
 
     @property
     def captures(self) -> bool:
         return self.pool is not None or self.targets is not None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # Before check_adam: its advice (optim=adamw_torch) does not help under DeepSpeed.
+        if sharded.deepspeed_enabled(args, optimizer):
+            raise ValueError(sharded.DEEPSPEED_REFUSAL)
         if optimizer is None:
             raise ValueError("LessCallback found no optimizer at train begin; it needs the Trainer's Adam.")
         check_adam(optimizer)
+        self._fsdp = sharded.fsdp_enabled(args, model)
+        if self._fsdp and self.captures:
+            raise ValueError(sharded.FSDP_CAPTURE_REFUSAL)
         adapter = adapter_name_of(model)
-        self._keys = {id(p): parameter_key(n, adapter) for n, p in trainable_parameters(model)}
+        # clean_name: FSDP1 inserts `_fsdp_wrapped_module.` segments; keys are the unwrapped model's names.
+        self._keys = {id(p): parameter_key(sharded.clean_name(n), adapter) for n, p in trainable_parameters(model)}
         self._lrs = []
         # On resume, LRs are averaged from the resumed step on.
         self._last_save_step = int(state.global_step)
@@ -199,11 +207,17 @@ class LessCallback(TrainerCallback):
         interval = [lr for s, lr in self._lrs if self._last_save_step < s <= step]
         ckpt = os.path.join(self.output_dir or args.output_dir, f"checkpoint-{step}")
         opt = check_adam(optimizer)
-        moments, keys = self._moments(opt, step)
+        if self._fsdp:  # a collective: every process gathers, the main process gets the full moments
+            moments, keys = self._gathered_moments(model, opt, step)
+        else:
+            moments, keys = self._moments(opt, step)
         if state.is_world_process_zero:
             if not interval:
                 raise RuntimeError(f"LessCallback recorded no optimizer step before the save at step {step}.")
-            if self.output_dir is not None and model is not None and hasattr(model, "save_pretrained"):
+            if self._fsdp:  # LessSelector needs the full adapter, which only the Trainer can gather
+                _copy_adapter(os.path.join(args.output_dir, f"checkpoint-{step}"),
+                              ckpt if self.output_dir is not None else None)
+            elif self.output_dir is not None and model is not None and hasattr(model, "save_pretrained"):
                 model.save_pretrained(ckpt)
             save_less_state(ckpt, moments, keys, mean_lr=sum(interval) / len(interval), global_step=step,
                             lr_steps=len(interval), optimizer=type(opt).__name__)
@@ -241,6 +255,20 @@ class LessCallback(TrainerCallback):
         if missing:
             raise RuntimeError(f"Trainable parameters {missing[:3]} are not in the optimizer.")
         return AdamMoments(exp_avg, exp_avg_sq, tuple(group["betas"]), float(group["eps"])), keys
+
+    def _gathered_moments(self, model, opt, step: int) -> tuple[AdamMoments | None, list[str]]:
+        """Under FSDP: the full moments keyed by parameter name on the main process, ``(None, [])`` elsewhere."""
+        # FSDP1 without use_orig_params names flat parameters (`..._flat_param`): their original names
+        # come from the gathered state only.
+        expected = [k for k in self._keys.values() if not k.endswith("_flat_param")]
+        moments, keys = sharded.gather_full_moments(model, opt, adapter_name_of(model), expected)
+        if moments is not None:
+            missing = [k for k in expected if k not in moments.exp_avg]
+            if missing:
+                raise RuntimeError(f"Trainable parameters {missing[:3]} have no gathered Adam state at step {step}.")
+            if not keys:
+                raise RuntimeError(f"The gathered optimizer state holds no Adam moments at step {step}.")
+        return moments, keys
 
     # -- capture ---------------------------------------------------------------------------------
 
@@ -289,6 +317,25 @@ class LessCallback(TrainerCallback):
             state.log_history.append({"less_capture_seconds": round(seconds, 3), "less_capture_examples": captured,
                                       "step": step})
         distributed.barrier()
+
+
+def _copy_adapter(src: str, dst: str | None) -> None:
+    """Under FSDP: check that the Trainer's checkpoint ``src`` holds the full adapter, and copy it to ``dst``.
+
+    A rank-0 ``save_pretrained`` of a sharded model would write its own shard only (or wait forever
+    on the other ranks), so the callback's own ``output_dir`` gets the Trainer's (gathered) files.
+    """
+    names = ("adapter_model.safetensors", "adapter_config.json")
+    if not all(os.path.exists(os.path.join(src, n)) for n in names):
+        raise FileNotFoundError(
+            f"The Trainer's checkpoint {src} has no {names[0]}: under FSDP it writes the adapter only with a full "
+            "state dict. Set fsdp_config={'state_dict_type': 'FULL_STATE_DICT'} (accelerate: "
+            "fsdp_state_dict_type: FULL_STATE_DICT) so that LessSelector can load every warmup checkpoint.")
+    if dst is None:
+        return
+    os.makedirs(dst, exist_ok=True)
+    for n in names:
+        shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
 
 
 def _fresh_store(root: Path, meta: dict) -> FeatureStore:

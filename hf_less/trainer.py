@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from . import distributed, selectors
+from . import distributed, selectors, sharded
 from .callback import LessCallback
 from .config import LessSFTConfig
 from .featurizer import rows_of
@@ -159,6 +159,18 @@ class LessSFTTrainer(SFTTrainer):
         from peft import LoraConfig
 
         a: LessSFTConfig = self.args
+        if sharded.deepspeed_enabled(a):
+            raise ValueError(
+                "LessSFTTrainer cannot run its LESS warmup under DeepSpeed: ZeRO keeps the Adam moments in its own "
+                "partitioned buffers, which LessCallback does not read. Run the warmup (a small LoRA run) without "
+                "DeepSpeed, under DDP or FSDP (for example this same script with LessSFTConfig and no DeepSpeed "
+                "config, or a Trainer with LessCallback()), then pass its output directory as less_warmup_dir: "
+                "selection and the final training then run under DeepSpeed.")
+        # Under FSDP the warmup shards `model` in place and cannot capture features (FSDP's forwards are
+        # collective): it saves the gathered moments only, and the pool is featurized afterwards with an
+        # unsharded copy, kept on the CPU meanwhile.
+        fsdp = sharded.fsdp_enabled(a)
+        unsharded = copy.deepcopy(model).to("cpu") if fsdp else None
         out = os.path.join(a.output_dir, WARMUP_SUBDIR)
         n = len(self.pool)
         size = max(1, int(round(a.less_warmup_fraction * n)))
@@ -178,7 +190,7 @@ class LessSFTTrainer(SFTTrainer):
         )
         lora = LoraConfig(r=a.less_lora_r, lora_alpha=a.less_lora_alpha, lora_dropout=a.less_lora_dropout,
                           target_modules=list(a.less_lora_target_modules), task_type="CAUSAL_LM")
-        capture = LessCallback(
+        capture = LessCallback() if fsdp else LessCallback(
             pool=self.pool, targets=self._targets_without_subtasks(), proj_dim=a.less_projection_dim,
             proj_kind=a.less_proj_kind, proj_seed=a.less_proj_seed, max_length=self._max_length(),
             batch_size=a.less_batch_size, tokenizer=tokenizer, dtype=a.less_store_dtype,
@@ -188,6 +200,9 @@ class LessSFTTrainer(SFTTrainer):
         trainer = SFTTrainer(model, args=SFTConfig(**config), train_dataset=self.pool.select(subset),
                              processing_class=tokenizer, peft_config=lora, callbacks=[capture])
         trainer.train()
+        if fsdp:
+            del trainer
+            return out, unsharded.to(a.device)  # LessSelector puts each checkpoint's adapter into it
         from accelerate.utils import extract_model_from_parallel
 
         # Without the mixed-precision forward wrapper: scoring computes at full precision.
