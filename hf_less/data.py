@@ -4,15 +4,18 @@ LESS scores an example by the mean cross-entropy over its *completion* tokens, s
 format is reduced to token ids plus labels where prompt tokens carry ``-100``:
 
 - ``messages`` (conversational): loss on the assistant turns only;
-- ``prompt`` + ``completion`` (strings, or lists of messages): loss on the completion;
+- ``prompt`` + ``completion`` (strings, or lists of messages): loss on the completion, located
+  exactly as the installed trl's SFTTrainer locates it (:func:`trl_completion_rules`);
 - ``text``: loss on every token (language modelling);
 - ``input_ids`` with optional ``labels`` (``-100`` = not scored) or ``completion_mask``.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -37,6 +40,36 @@ class EmptyCompletionError(ValueError):
 
 class DatasetFormatError(ValueError):
     """An example's columns hold values of the wrong type or shape for its format."""
+
+
+class PromptBoundaryWarning(UserWarning):
+    """A tokenized prompt is not a prefix of the tokenized prompt + completion (tokens merge across
+    the boundary, or the chat template renders the prompt alone differently)."""
+
+
+class TrlCompletionRules(NamedTuple):
+    """How the installed trl's SFTTrainer locates the completion of a ``prompt`` + ``completion`` example."""
+
+    generation_prompt: bool  # a conversational prompt is rendered with add_generation_prompt=True (trl >= 0.24)
+    common_prefix: bool  # the completion starts where the two tokenizations diverge (trl >= 1.15),
+    #                      else after as many tokens as the tokenized prompt has
+
+
+@functools.cache
+def trl_completion_rules() -> TrlCompletionRules:
+    """The rules of the installed trl, so hf-less scores exactly the tokens SFTTrainer trains on.
+
+    Read from trl's source of each release: 0.20-0.23 render a conversational prompt without the
+    generation prompt; from 0.24 with it. Up to 1.14 the completion mask starts after
+    ``len(prompt_ids)`` tokens; from 1.15 after the common prefix of the prompt's and the
+    prompt + completion's token ids. Every version only warns when they disagree.
+    """
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    release = Version(version("trl")).release  # (1, 15, 0) for "1.15.0.dev0" too: pre-releases have the change
+    return TrlCompletionRules(generation_prompt=release >= (0, 24), common_prefix=release >= (1, 15))
 
 
 def detect_format(column_names: Sequence[str]) -> str:
@@ -96,22 +129,32 @@ def _chat_ids(tokenizer, messages: list, add_generation_prompt: bool = False) ->
     )
 
 
-def _with_eos(tokenizer, ids: list[int]) -> list[int]:
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        return ids + [eos]
-    return ids
+def _with_eos_text(tokenizer, text: str) -> str:
+    """``text`` ending with the EOS token's text, as trl's SFTTrainer appends it before tokenizing."""
+    eos = getattr(tokenizer, "eos_token", None)
+    return text + eos if eos and not text.endswith(eos) else text
 
 
-def _prefix_masked(tokenizer, prompt_ids: list[int], full_ids: list[int]) -> tuple[list[int], list[int]]:
-    n = len(prompt_ids)
-    if full_ids[:n] != prompt_ids:
-        raise DatasetFormatError(
-            "The tokenized prompt is not a prefix of the tokenized prompt + completion (the "
-            "tokenizer merges tokens across the boundary or the chat template rewrites earlier "
-            "turns). Pre-tokenize the examples and pass 'input_ids' + 'labels' instead."
-        )
-    return full_ids, [IGNORE_INDEX] * n + full_ids[n:]
+def _completion_masked(prompt_ids: list[int], full_ids: list[int]) -> tuple[list[int], list[int]]:
+    """``full_ids`` with the prompt masked where the installed trl masks it (:func:`trl_completion_rules`)."""
+    common = 0
+    for a, b in zip(prompt_ids, full_ids):
+        if a != b:
+            break
+        common += 1
+    if common < len(prompt_ids):
+        # A fixed message: Python's default filter shows it once per process, not once per example.
+        warnings.warn(
+            "The tokenized prompt is not a prefix of the tokenized prompt + completion (tokens merge across "
+            "the boundary, e.g. a completion that does not start with a space, or the chat template renders "
+            "the prompt alone differently). As the installed trl's SFTTrainer does, the completion is scored "
+            + ("from where the two tokenizations diverge" if trl_completion_rules().common_prefix
+               else "after as many tokens as the tokenized prompt has")
+            + ", so hf-less scores the tokens SFTTrainer trains on. To avoid it, end the prompt on a token "
+            "boundary (e.g. start completions with a space), or pre-tokenize and pass 'input_ids' + 'labels'.",
+            PromptBoundaryWarning, stacklevel=2)
+    start = min(common if trl_completion_rules().common_prefix else len(prompt_ids), len(full_ids))
+    return full_ids, [IGNORE_INDEX] * start + full_ids[start:]
 
 
 def _int_list(value: Any, column: str) -> list[int]:
@@ -173,8 +216,7 @@ def tokenize_example(example: Mapping[str, Any], tokenizer, fmt: str) -> tuple[l
     if tokenizer is None:
         raise ValueError(f"A tokenizer is needed for {fmt!r} examples; pass tokenizer=... .")
     if fmt == "text":
-        ids = _ids(tokenizer(_text(example["text"], "text"), add_special_tokens=True)["input_ids"])
-        ids = _with_eos(tokenizer, ids)
+        ids = _ids(tokenizer(_with_eos_text(tokenizer, _text(example["text"], "text")))["input_ids"])
         return ids, list(ids)
     if fmt == "prompt_completion":
         prompt, completion = example["prompt"], example["completion"]
@@ -187,13 +229,15 @@ def tokenize_example(example: Mapping[str, Any], tokenizer, fmt: str) -> tuple[l
                 raise DatasetFormatError(
                     "A conversational 'completion' must start with an assistant message (it is the reply to "
                     f"'prompt'), got {completion[:1]!r}. Move other turns into 'prompt', or use a 'messages' column.")
+        # Tokenized as trl's SFTTrainer does: EOS text appended to a string completion, prompt and
+        # prompt + completion tokenized separately, the completion located by trl_completion_rules.
         if isinstance(prompt, str):
-            prompt_ids = _ids(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-            full_ids = _ids(tokenizer(prompt + completion, add_special_tokens=True)["input_ids"])
-            return _prefix_masked(tokenizer, prompt_ids, _with_eos(tokenizer, full_ids))
-        prompt_ids = _chat_ids(tokenizer, list(prompt), add_generation_prompt=True)
+            prompt_ids = _ids(tokenizer(prompt)["input_ids"])
+            full_ids = _ids(tokenizer(prompt + _with_eos_text(tokenizer, completion))["input_ids"])
+            return _completion_masked(prompt_ids, full_ids)
+        prompt_ids = _chat_ids(tokenizer, list(prompt), add_generation_prompt=trl_completion_rules().generation_prompt)
         full_ids = _chat_ids(tokenizer, list(prompt) + list(completion))
-        return _prefix_masked(tokenizer, prompt_ids, full_ids)
+        return _completion_masked(prompt_ids, full_ids)
     if fmt == "messages":
         messages = _messages(example["messages"], "messages")
         full_ids = _chat_ids(tokenizer, messages)
