@@ -11,6 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from hf_less import LessCallback, LessSelector
+from hf_less.projection import DEFAULT_KIND
 from hf_less.store import IncompatibleFeaturesError
 
 from .conftest import lora_config, make_model, toy_tasks
@@ -69,7 +70,7 @@ def reference_sims(tokenizer, warmup, pool_rows, target_rows, proj_dim):
         pool_f = torch.stack([naive_adam(naive_gradient(model, i, l), m, v, b1, b2, st["eps"]) for i, l in P_enc])
         targ_f = torch.stack([naive_gradient(model, i, l) for i, l in T_enc])
         if proj_dim is not None:
-            R = dense_matrix(pool_f.shape[1], proj_dim, "rademacher", 0)
+            R = dense_matrix(pool_f.shape[1], proj_dim, DEFAULT_KIND, 0)  # the selector's default projection
             pool_f, targ_f = pool_f @ R, targ_f @ R
         cos = torch.nn.functional.normalize(pool_f, dim=1) @ torch.nn.functional.normalize(targ_f, dim=1).T
         S += lr / sum(lrs) * cos

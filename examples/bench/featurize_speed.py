@@ -176,7 +176,7 @@ def train_steps(model, examples, batch_size: int, workdir: str, seed: int) -> tu
 def timed_projection(featurizer, acc: dict):
     """Add the time spent in the projector's matmuls and matrix generation to ``acc``."""
     proj = featurizer.projector
-    call, block = proj.project, proj.block
+    call, block = proj.project, getattr(proj, "block", None)  # the sparse kind has no matrix blocks
 
     def project(x, offset=0):
         t = time.perf_counter()
@@ -192,11 +192,15 @@ def timed_projection(featurizer, acc: dict):
         finally:
             acc["generation"] = acc.get("generation", 0.0) + time.perf_counter() - t
 
-    proj.project, proj.block = project, gen
+    proj.project = project
+    if block is not None:
+        proj.block = gen
     try:
         yield
     finally:
-        proj.project, proj.block = call, block
+        proj.project = call
+        if block is not None:
+            proj.block = block
 
 
 # -- (d) memory in a fresh process ---------------------------------------------------------------

@@ -1,0 +1,305 @@
+"""Featurization cost as the model grows: per example, against a LoRA training step, per projection kind.
+
+For Llama-shaped models of growing depth (random weights from a config: nothing is downloaded),
+LoRA on q/k/v/o, the same pre-tokenized examples everywhere, it prints per example:
+
+- ``train``: a LoRA training step (forward + backward + AdamW) on batches of ``--batch-size``;
+- ``featurize``: ``Featurizer`` on the whole pool (Adam directions at one checkpoint, projected,
+  normalised), warm (the projector's caches filled by an earlier pass, as over a pool);
+- ``cold``: the same pool through a fresh featurizer (first call: hashes and caches built);
+- ``map``: the pool in ``datasets.map``-sized batches (one featurizer call per batch, as
+  ``pool.map(selector, batched=True, batch_size=8)`` makes them without captured features);
+- ``proj``: the projection's share of ``featurize``; ``peak``: peak memory (CUDA: allocated;
+  CPU: the process's peak RSS so far).
+
+and the ratios ``featurize / train`` with the targets of issue 14 (<= 1.5x at every depth, growing
+by at most 1.3x from the shallowest to the deepest model; a pool of several units no dearer per
+example than the small pool). Training and featurization alternate in rounds so a shared, noisy
+machine affects both alike: compare ratios, not absolute figures across runs.
+
+    # CPU, the issue's setting: hidden 2048, intermediate 5632, r=64, 1 and 8 layers, 32 x 64 tokens, d=8192
+    .venv/bin/python examples/bench/featurize_scale.py
+    .venv/bin/python examples/bench/featurize_scale.py --layers 1 --kinds sparse --quick   # a smoke run
+    # CUDA: the Llama-2-7B shape (32 layers, hidden 4096, r=128, d=8192), 371-token examples
+    python examples/bench/featurize_scale.py --preset llama2-7b
+    # any local model directory (LoRA added on q/k/v/o)
+    .venv/bin/python examples/bench/featurize_scale.py --model /path/to/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TARGETS = {"ratio": 1.5, "growth": 1.3, "big_pool": 1.0}
+PRESETS = {
+    # name: (layers, hidden, intermediate, heads, rank, tokens, examples)
+    "issue14-cpu": ([1, 8], 2048, 5632, 32, 64, 64, 32),
+    "llama2-7b": ([32], 4096, 11008, 32, 128, 371, 64),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a model shape (default: issue14-cpu on a CPU, llama2-7b on CUDA)")
+    p.add_argument("--layers", type=int, nargs="+", help="depths to measure (overrides the preset)")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--intermediate", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--rank", type=int, help="LoRA r (alpha = 2r) on q/k/v/o")
+    p.add_argument("--tokens", type=int, help="tokens per example (half prompt, half completion)")
+    p.add_argument("--examples", type=int, help="pool examples per round")
+    p.add_argument("--big-pool", type=int, default=256,
+                   help="rows of the several-unit pool measured at the deepest model (0: skip)")
+    p.add_argument("--dim", type=int, default=8192)
+    p.add_argument("--kinds", nargs="+", default=["sparse", "rademacher"], choices=["sparse", "rademacher", "gaussian"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="alternating train / featurize rounds")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="model weights (default: float32 on a CPU, bfloat16 on CUDA)")
+    p.add_argument("--model", default=None, help="a local model directory instead of random Llama shapes")
+    p.add_argument("--quick", action="store_true", help="8 examples, 1 round, no big pool: a smoke run")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    preset = PRESETS[args.preset or ("llama2-7b" if cuda else "issue14-cpu")]
+    for name, value in zip(("layers", "hidden", "intermediate", "heads", "rank", "tokens", "examples"), preset):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    if args.quick:
+        args.examples, args.rounds, args.big_pool = 8, 1, 0
+    return args
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocations, or the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(args, layers: int, device: torch.device):
+    """A LoRA model: random Llama weights of the given depth (or ``--model``), B randomised."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    if args.model:
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    else:
+        config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                             num_hidden_layers=layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                             max_position_embeddings=4096, tie_word_embeddings=False)
+        with torch.device(device):
+            base = LlamaForCausalLM(config).to(dtype)
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = get_peft_model(base.to(device), lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a warmed-up adapter: B != 0, so gradients w.r.t. A are non-zero too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.device, p.dtype))
+    return model
+
+
+def make_examples(n: int, tokens: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """``n`` pre-tokenized examples: ``tokens // 2`` prompt tokens (label -100), the rest scored."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(10, vocab, (tokens,), generator=g).tolist()
+        out.append((ids, [-100] * (tokens // 2) + ids[tokens // 2 :]))
+    return out
+
+
+def train_seconds(model, examples, batch_size: int, optimizer) -> float:
+    """Wall seconds of LoRA training steps (forward, backward, AdamW) over ``examples``."""
+    device = next(model.parameters()).device
+    model.train()
+    sync(device)
+    t = time.perf_counter()
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        ids = torch.tensor([e[0] for e in chunk], device=device)
+        labels = torch.tensor([e[1] for e in chunk], device=device)
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def adam_moments(model, optimizer, keys):
+    """The optimizer's moments keyed as the featurizer keys parameters (after one training pass)."""
+    from hf_less.features import AdamMoments
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    m = {k: optimizer.state[p]["exp_avg"].detach().clone() for k, p in zip(keys, params)}
+    v = {k: optimizer.state[p]["exp_avg_sq"].detach().clone() for k, p in zip(keys, params)}
+    return AdamMoments(m, v, (0.9, 0.999), 1e-8)
+
+
+@contextlib.contextmanager
+def timed_projection(projector, acc: dict, device: torch.device):
+    """Add the time spent inside ``projector.project`` to ``acc['projection']``."""
+    call = projector.project
+
+    def project(x, offset=0):
+        sync(device)
+        t = time.perf_counter()
+        try:
+            return call(x, offset)
+        finally:
+            sync(device)
+            acc["projection"] = acc.get("projection", 0.0) + time.perf_counter() - t
+
+    projector.project = project
+    try:
+        yield
+    finally:
+        projector.project = call
+
+
+def featurize_seconds(featurizer, examples, moments, batch: int | None = None) -> float:
+    """Wall seconds of featurizing ``examples`` (in calls of ``batch`` rows when given, as map does)."""
+    device = featurizer.device
+    sync(device)
+    t = time.perf_counter()
+    step = batch or len(examples)
+    for i in range(0, len(examples), step):
+        featurizer(examples[i : i + step], moments)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def measure_depth(args, layers: int, device: torch.device) -> list[dict]:
+    from hf_less.featurizer import Featurizer
+
+    model = build_model(args, layers, device)
+    pool = make_examples(args.examples, args.tokens, args.vocab)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    train_seconds(model, pool[: args.batch_size], args.batch_size, optimizer)  # warm-up; creates the moments
+    probe = Featurizer(model, None, None, batch_size=args.batch_size, show_progress=False)
+    P = probe.grads.dim
+    moments = adam_moments(model, optimizer, probe.grads.keys)
+    del probe
+    rows = []
+    for kind in args.kinds:
+        featurizer = Featurizer(model, None, args.dim, proj_kind=kind, batch_size=args.batch_size, show_progress=False)
+        t_cold = featurize_seconds(featurizer, pool, moments)
+        train_s = feat_s = map_s = 0.0
+        parts: dict = {}
+        for _ in range(args.rounds):
+            train_s += train_seconds(model, pool, args.batch_size, optimizer)
+            with timed_projection(featurizer.projector, parts, device):
+                feat_s += featurize_seconds(featurizer, pool, moments)
+            map_s += featurize_seconds(featurizer, pool, moments, batch=args.batch_size)
+        n = args.examples * args.rounds
+        row = {"layers": layers, "P": P, "kind": kind, "train_s_ex": train_s / n, "featurize_s_ex": feat_s / n,
+               "cold_s_ex": t_cold / args.examples, "map_s_ex": map_s / n,
+               "projection_share": parts.get("projection", 0.0) / feat_s, "peak_mb": peak_memory_mb(device)}
+        row["ratio"] = row["featurize_s_ex"] / row["train_s_ex"]
+        row["cold_ratio"] = row["cold_s_ex"] / row["train_s_ex"]
+        row["map_ratio"] = row["map_s_ex"] / row["train_s_ex"]
+        if args.big_pool and layers == max(args.layers):
+            big = make_examples(args.big_pool, args.tokens, args.vocab, seed=1)
+            fresh = Featurizer(model, None, args.dim, proj_kind=kind, batch_size=args.batch_size, show_progress=False)
+            row["big_pool_rows"] = args.big_pool
+            row["big_pool_s_ex"] = featurize_seconds(fresh, big, moments) / args.big_pool
+            row["big_pool_vs_small"] = row["big_pool_s_ex"] / row["cold_s_ex"]
+        print(format_row(row), flush=True)
+        rows.append(row)
+        del featurizer
+    del model, optimizer, moments
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+HEADER = (f"{'layers':>6} {'P':>11} {'kind':>10} {'train s/ex':>10} {'feat s/ex':>9} {'ratio':>6} {'cold':>6} "
+          f"{'map':>6} {'proj':>5} {'peak MB':>8}  several units")
+
+
+def format_row(r: dict) -> str:
+    big = (f"{r['big_pool_rows']} rows: {r['big_pool_s_ex']:.3f} s/ex ({r['big_pool_vs_small']:.2f}x the "
+           f"small pool's first pass)") if "big_pool_rows" in r else ""
+    return (f"{r['layers']:>6} {r['P']:>11,} {r['kind']:>10} {r['train_s_ex']:>10.3f} {r['featurize_s_ex']:>9.3f} "
+            f"{r['ratio']:>6.2f} {r['cold_ratio']:>6.2f} {r['map_ratio']:>6.2f} {r['projection_share']:>5.0%} "
+            f"{r['peak_mb']:>8.0f}  {big}")
+
+
+def verdict(rows: list[dict], args) -> list[str]:
+    """The issue's targets, per projection kind."""
+    lines = []
+    for kind in args.kinds:
+        mine = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["layers"])
+        worst = max(r["ratio"] for r in mine)
+        ok = worst <= TARGETS["ratio"]
+        line = f"{kind}: featurize / train at most {worst:.2f} [target <= {TARGETS['ratio']}] {'met' if ok else 'MISSED'}"
+        if len(mine) > 1:
+            growth = mine[-1]["ratio"] / mine[0]["ratio"]
+            line += (f"; growth {mine[0]['layers']} -> {mine[-1]['layers']} layers {growth:.2f}x "
+                     f"[target <= {TARGETS['growth']}] {'met' if growth <= TARGETS['growth'] else 'MISSED'}")
+        big = [r for r in mine if "big_pool_vs_small" in r]
+        if big:
+            b = big[-1]["big_pool_vs_small"]
+            line += f"; several units {b:.2f}x the small pool [target <= {TARGETS['big_pool']}] " \
+                    f"{'met' if b <= TARGETS['big_pool'] * 1.05 else 'MISSED'}"
+        lines.append(line)
+    return lines
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    print(f"{card}; {args.dtype} weights; Llama hidden {args.hidden}, intermediate {args.intermediate}, "
+          f"LoRA r={args.rank} q/k/v/o; {args.examples} x {args.tokens} tokens; d={args.dim}; batch {args.batch_size}; "
+          f"{args.rounds} rounds")
+    print("ratio = featurize / train per example (warm); cold = first pass of a fresh featurizer; "
+          f"map = calls of {args.batch_size} rows")
+    print(HEADER)
+    rows = []
+    for layers in args.layers:
+        rows += measure_depth(args, layers, device)
+    lines = verdict(rows, args)
+    print("\n".join(lines))
+    res = {"device": card, "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
+           "settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows, "verdict": lines}
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()
