@@ -63,6 +63,11 @@ class LessCallback(TrainerCallback):
     ``trl.SFTTrainer`` training a PEFT LoRA model with ``optim="adamw_torch"`` or
     ``"adamw_torch_fused"``, any gradient accumulation and ``save_strategy``.
 
+    Under FSDP (1 or 2) the moments are gathered from the shards at every save (a collective on
+    every process) and saved whole, keyed by the unwrapped model's parameter names; capture is
+    refused there. DeepSpeed is refused at train begin (ZeRO's moments are not in the optimizer's
+    state): run the warmup under DDP or FSDP.
+
     Given ``pool`` and/or ``targets``, at every save it also computes, with the live model and
     the moments just saved, the pool's Adam-direction features and the targets' gradient
     features, projected exactly as :class:`~hf_less.LessSelector` would, into

@@ -171,3 +171,36 @@ def test_less_sft_trainer_refuses_a_deepspeed_warmup_before_training(tmp_path, t
     with pytest.raises(ValueError, match="less_warmup_dir"):
         trainer.select_data()
     assert not (Path(tmp_path) / "less_warmup").exists()  # refused before any training
+
+
+def test_less_sft_trainer_with_fsdp_warms_up_then_featurizes(tmp_path, tokenizer):
+    """With fsdp=..., LessSFTTrainer's warmup saves gathered moments without capture, and the pool is
+    featurized afterwards with an unsharded copy; it selects what the capturing (DDP) path selects."""
+    import numpy as np
+
+    from hf_less.selection import load_selection
+    from hf_less.store import FeatureStore
+
+    from .test_distributed import example_args
+
+    example = Path(__file__).parents[1] / "examples" / "sft_with_less.py"
+    config = tmp_path / "fsdp.json"
+    config.write_text(json.dumps({"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}))
+    warmup = ["--less_warmup_fraction", "0.5", "--less_warmup_epochs", "2", "--less_lora_r", "4",
+              "--less_lora_alpha", "8", "--less_warmup_learning_rate", "1e-3"]
+    torchrun(example, *example_args(tmp_path, tokenizer, tmp_path / "ddp", *warmup), port=29534)
+    torchrun(example, *example_args(tmp_path, tokenizer, tmp_path / "fsdp", *warmup, "--fsdp", "full_shard",
+                                    "--fsdp_config", config), port=29535)
+    ddp, fsdp = find_checkpoints(tmp_path / "ddp" / "less_warmup"), find_checkpoints(tmp_path / "fsdp" / "less_warmup")
+    assert [c.step for c in ddp] == [c.step for c in fsdp] and len(fsdp) == 2
+    for a, b in zip(ddp, fsdp):
+        assert FeatureStore(a.captured("pool")).complete and not b.captured("pool").exists()
+        ma, mb = load_moments(a.path), load_moments(b.path)
+        for k in ma.exp_avg:
+            torch.testing.assert_close(mb.exp_avg[k], ma.exp_avg[k], rtol=1e-5, atol=1e-8)
+    assert FeatureStore(tmp_path / "fsdp" / "less_features" / "pool").num_rows == 13  # featurized after
+    one, two = load_selection(tmp_path / "ddp"), load_selection(tmp_path / "fsdp")
+    assert len(two.indices) == 5
+    np.testing.assert_allclose(np.load(tmp_path / "fsdp" / "less_scores.npy"),
+                               np.load(tmp_path / "ddp" / "less_scores.npy"), atol=1e-4)
+    assert (tmp_path / "fsdp" / "adapter_model.safetensors").exists()  # then it trained on the selection
