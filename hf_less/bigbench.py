@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import html.parser
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,8 +50,7 @@ logger = logging.getLogger(__name__)
 VERSION = "1.0.0"
 ARCHIVE_NAME = f"bigbench-{VERSION}.tar.gz"
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-ARCHIVE_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc7"
-               "21c157/bigbench-1.0.0.tar.gz")
+PROJECT = "bigbench"  # the project name on the package index
 ARCHIVE_ENV = "HF_LESS_BIGBENCH_ARCHIVE"
 TASKS_DIR = "bigbench/benchmark_tasks/"
 INDEX_VERSION = 1
@@ -107,15 +108,89 @@ def _fetch(url: str, dest: Path, sha256: str) -> None:
         part.unlink(missing_ok=True)
 
 
-def _index_url() -> str | None:
-    """The sdist's URL from the package index pip uses (PEP 691 JSON), or None if it does not say."""
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    if not index.startswith(("http://", "https://")):
-        return None
-    req = urllib.request.Request(f"{index}/bigbench/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        files = json.load(resp).get("files", [])
-    return next((f["url"] for f in files if f.get("filename") == ARCHIVE_NAME), None)
+def pip_sources() -> tuple[list[str], list[str]]:
+    """``(index URLs, find-links locations)`` as pip itself resolves them, in pip's order.
+
+    pip's own option parser reads its configuration files and ``PIP_INDEX_URL`` /
+    ``PIP_EXTRA_INDEX_URL`` / ``PIP_FIND_LINKS`` / ``PIP_NO_INDEX``, with pip's default index when
+    nothing is configured: no host name is written in hf-less. Without a usable pip (not installed,
+    or its internals moved) only the environment variables are read.
+    """
+    try:
+        from pip._internal.commands import create_command
+
+        options, _ = create_command("download").parse_args([])
+        indexes = [] if options.no_index else [options.index_url, *options.extra_index_urls]
+        return [u for u in indexes if u], [u for u in options.find_links or [] if u]
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - SystemExit: pip exits on a bad configuration
+        logger.info("pip's configuration could not be read (%s); using PIP_* environment variables only", e)
+        env = os.environ
+        no_index = env.get("PIP_NO_INDEX", "").lower() in ("1", "true", "yes", "on")
+        indexes = [] if no_index else [*env.get("PIP_INDEX_URL", "").split(), *env.get("PIP_EXTRA_INDEX_URL", "").split()]
+        return indexes, env.get("PIP_FIND_LINKS", "").split()
+
+
+class _Anchors(html.parser.HTMLParser):
+    """The ``href`` of every ``<a>`` of a PEP 503 simple-index page (or a find-links page)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.hrefs += [v for k, v in attrs if k == "href" and v]
+
+
+def _local_path(location: str) -> Path | None:
+    """The directory or file a ``file:`` URL or a plain path names; None for a remote URL."""
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if len(parsed.scheme) <= 1:  # a path (no scheme, or one letter: a Windows drive)
+        return Path(location)
+    return None
+
+
+def listed_files(page: str) -> dict[str, str]:
+    """``{file name: URL}`` of the files a project page of a simple index, or a find-links location, lists.
+
+    Reads PEP 691 JSON or PEP 503 HTML over http(s), and ``file:`` URLs or paths (a directory's
+    ``index.html``, else the files in it), as pip does. Relative links are resolved against the page.
+    """
+    local = _local_path(page)
+    if local is not None:
+        if local.is_dir() and not (local / "index.html").is_file():
+            return {p.name: p.resolve().as_uri() for p in local.iterdir() if p.is_file()}
+        target = local / "index.html" if local.is_dir() else local
+        base, body, is_json = target.resolve().as_uri(), target.read_bytes(), False
+    else:
+        req = urllib.request.Request(page, headers={
+            "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            base, body = resp.geturl(), resp.read()
+            is_json = "json" in (resp.headers.get("Content-Type") or "")
+    if is_json:
+        links = [f["url"] for f in json.loads(body).get("files", []) if f.get("url")]
+    else:
+        parser = _Anchors()
+        parser.feed(body.decode("utf-8", errors="replace"))
+        links = parser.hrefs
+    out = {}
+    for link in links:
+        url = urllib.parse.urldefrag(urllib.parse.urljoin(base, link)).url  # drop "#sha256=...": checked anyway
+        out.setdefault(urllib.parse.unquote(url.rstrip("/").rsplit("/", 1)[-1]), url)
+    return out
+
+
+def archive_url(location: str, index: bool = True) -> str:
+    """The URL of the sdist that an index (its project page ``<index>/bigbench/``) or a find-links
+    location lists; :class:`BigBenchError` when it lists none."""
+    page = f"{location.rstrip('/')}/{PROJECT}/" if index else location
+    url = listed_files(page).get(ARCHIVE_NAME)
+    if url is None:
+        raise BigBenchError(f"{page} does not list {ARCHIVE_NAME}.")
+    return url
 
 
 def _pip_download(dest: Path) -> None:
@@ -141,9 +216,17 @@ def download_archive(root: str | os.PathLike | None = None) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    attempts = [("package index", lambda: _fetch(_index_url() or ARCHIVE_URL, dest, ARCHIVE_SHA256)),
-                ("files.pythonhosted.org", lambda: _fetch(ARCHIVE_URL, dest, ARCHIVE_SHA256)),
-                ("pip download", lambda: _pip_download(dest))]
+    # Every source pip is configured with (what `pip config list` / PIP_INDEX_URL say, else pip's
+    # default index), then pip itself; the SHA-256 is checked whichever serves the file.
+    try:
+        indexes, find_links = pip_sources()
+    except Exception as e:  # noqa: BLE001 - reported with the other failures
+        indexes, find_links = [], []
+        errors.append(f"pip's configuration: {type(e).__name__}: {e}")
+    fetch = lambda location, index: _fetch(archive_url(location, index), dest, ARCHIVE_SHA256)  # noqa: E731
+    attempts = [(f"package index {u}", lambda u=u: fetch(u, True)) for u in indexes]
+    attempts += [(f"find-links {u}", lambda u=u: fetch(u, False)) for u in find_links]
+    attempts.append(("pip download", lambda: _pip_download(dest)))
     for name, attempt in attempts:
         try:
             attempt()
@@ -153,7 +236,8 @@ def download_archive(root: str | os.PathLike | None = None) -> Path:
             logger.info("BIG-bench download via %s failed: %s", name, e)
     raise BigBenchError(
         f"Could not download BIG-bench {VERSION} ({ARCHIVE_NAME}, 358 MB):\n  " + "\n  ".join(errors) +
-        f"\nDownload it yourself, then run again:\n  curl -L -o {dest} {ARCHIVE_URL}\n"
+        f"\nDownload {ARCHIVE_NAME} yourself (the '{PROJECT}' project's files on your package index, "
+        f"SHA-256 {ARCHIVE_SHA256}) to {dest},\n"
         f"or `{PIP_COMMAND} -d DIR` (pip < 23 keeps the file), or set {ARCHIVE_ENV}=/path/to/{ARCHIVE_NAME}.")
 
 

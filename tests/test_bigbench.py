@@ -172,13 +172,16 @@ def test_env_archive_and_download_failure_message(tmp_path, monkeypatch, fake_ar
     def fail(*a, **k):
         raise OSError("offline")
 
+    pip_env(monkeypatch, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_FIND_LINKS=str(tmp_path / "wheels"))
     monkeypatch.setattr(bigbench, "_fetch", fail)
     monkeypatch.setattr(bigbench, "_pip_download", fail)
     with pytest.raises(BigBenchError) as err:
         bigbench.archive_path(tmp_path / "empty")
     msg = str(err.value)
-    assert "curl -L -o" in msg and bigbench.ARCHIVE_ENV in msg and "pip download --no-deps" in msg
-    assert msg.count("offline") == 3
+    assert bigbench.ARCHIVE_SHA256 in msg and bigbench.ARCHIVE_ENV in msg and "pip download --no-deps" in msg
+    # one attempt per source pip is configured with, then pip itself
+    assert "package index http://127.0.0.1:9/simple: " in msg and f"find-links {tmp_path / 'wheels'}: " in msg
+    assert "pip download: OSError: offline" in msg
     with pytest.raises(BigBenchError, match="is missing"):
         bigbench.archive_path(tmp_path / "empty", download=False)
 
@@ -194,3 +197,128 @@ def test_fetch_checks_the_checksum(tmp_path):
 
     bigbench._fetch(src.as_uri(), dest, hashlib.sha256(b"payload").hexdigest())
     assert dest.read_bytes() == b"payload"
+
+
+# -- the archive through pip's configured index (issue 15, item 9) -----------------------------------
+
+
+def pip_env(monkeypatch, **env):
+    """Only these PIP_* variables, and no pip configuration file: pip resolves its sources from them."""
+    import os
+
+    for name in [k for k in os.environ if k.startswith("PIP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def simple_index(root, archive, json_api=False):
+    """A PEP 503 simple index under root/simple (the file in root/files, linked relatively, with a
+    hash fragment and a decoy); returns root."""
+    import hashlib
+    import shutil
+
+    (root / "files").mkdir(parents=True)
+    shutil.copy(archive, root / "files" / bigbench.ARCHIVE_NAME)
+    (root / "simple" / "bigbench").mkdir(parents=True)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    (root / "simple" / "bigbench" / "index.html").write_text(
+        "<!DOCTYPE html><html><body>\n"
+        '<a href="../../files/bigbench-0.0.1.tar.gz">bigbench-0.0.1.tar.gz</a>\n'
+        f'<a href="../../files/{bigbench.ARCHIVE_NAME}#sha256={digest}">{bigbench.ARCHIVE_NAME}</a>\n'
+        "</body></html>\n")
+    return root
+
+
+@pytest.fixture
+def served(tmp_path):
+    """An HTTP server on 127.0.0.1 over tmp_path/site; /json/bigbench/ answers PEP 691 JSON."""
+    import functools
+    import http.server
+    import threading
+
+    site = tmp_path / "site"
+    site.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/json/bigbench/":
+                body = json.dumps({"meta": {"api-version": "1.0"}, "name": "bigbench", "files": [
+                    {"filename": bigbench.ARCHIVE_NAME, "url": f"../../files/{bigbench.ARCHIVE_NAME}",
+                     "hashes": {}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/vnd.pypi.simple.v1+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield site, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_pip_sources_are_what_pip_is_configured_with(monkeypatch, tmp_path):
+    from pip._internal.models.index import PyPI
+
+    pip_env(monkeypatch)
+    assert bigbench.pip_sources() == ([PyPI.simple_url], [])  # pip's own default, read from pip
+    pip_env(monkeypatch, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_EXTRA_INDEX_URL="file:///x/simple",
+            PIP_FIND_LINKS="/some/wheels")
+    assert bigbench.pip_sources() == (["http://127.0.0.1:9/simple", "file:///x/simple"], ["/some/wheels"])
+    config = tmp_path / "pip.conf"
+    config.write_text("[global]\nindex-url = http://127.0.0.1:8/simple\n")
+    pip_env(monkeypatch, PIP_CONFIG_FILE=str(config))
+    assert bigbench.pip_sources() == (["http://127.0.0.1:8/simple"], [])
+    pip_env(monkeypatch, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_NO_INDEX="1")
+    assert bigbench.pip_sources() == ([], [])
+
+
+def test_download_through_a_file_index(monkeypatch, tmp_path, fake_archive):
+    monkeypatch.setattr(bigbench, "ARCHIVE_SHA256", bigbench.file_sha256(fake_archive))
+    monkeypatch.setattr(bigbench, "_pip_download", lambda dest: pytest.fail("pip download was not needed"))
+    root = simple_index(tmp_path / "index", fake_archive)
+    index = (root / "simple").as_uri()
+    assert bigbench.archive_url(index) == (root / "files" / bigbench.ARCHIVE_NAME).resolve().as_uri()
+    pip_env(monkeypatch, PIP_INDEX_URL=index)
+    got = bigbench.archive_path(tmp_path / "cache-a")
+    assert got == tmp_path / "cache-a" / bigbench.ARCHIVE_NAME and got.read_bytes() == fake_archive.read_bytes()
+    # a find-links directory holding the file, behind an index that does not list it
+    empty = tmp_path / "empty-index" / "bigbench"
+    empty.mkdir(parents=True)
+    (empty / "index.html").write_text("<html></html>")
+    pip_env(monkeypatch, PIP_INDEX_URL=(tmp_path / "empty-index").as_uri(), PIP_FIND_LINKS=str(root / "files"))
+    with pytest.raises(BigBenchError, match=f"bigbench/ does not list {bigbench.ARCHIVE_NAME}"):
+        bigbench.archive_url((tmp_path / "empty-index").as_uri())
+    got = bigbench.archive_path(tmp_path / "cache-b")
+    assert got.read_bytes() == fake_archive.read_bytes()
+
+
+@pytest.mark.parametrize("api", ["simple", "json"])
+def test_download_through_an_http_index(monkeypatch, tmp_path, fake_archive, served, api):
+    site, base = served
+    simple_index(site, fake_archive)
+    monkeypatch.setattr(bigbench, "ARCHIVE_SHA256", bigbench.file_sha256(fake_archive))
+    monkeypatch.setattr(bigbench, "_pip_download", lambda dest: pytest.fail("pip download was not needed"))
+    pip_env(monkeypatch, PIP_INDEX_URL=f"{base}/{api}/")
+    assert bigbench.archive_url(f"{base}/{api}/") == f"{base}/files/{bigbench.ARCHIVE_NAME}"
+    got = bigbench.archive_path(tmp_path / "cache")
+    assert got.read_bytes() == fake_archive.read_bytes()
+
+
+def test_a_file_with_another_checksum_is_refused(monkeypatch, tmp_path, fake_archive):
+    root = simple_index(tmp_path / "index", fake_archive)
+    pip_env(monkeypatch, PIP_INDEX_URL=(root / "simple").as_uri())
+    monkeypatch.setattr(bigbench, "_pip_download", lambda dest: (_ for _ in ()).throw(OSError("no pip")))
+    with pytest.raises(BigBenchError, match=f"has SHA-256 {bigbench.file_sha256(fake_archive)}, expected "
+                                            f"{bigbench.ARCHIVE_SHA256}"):
+        bigbench.archive_path(tmp_path / "cache")
+    assert not (tmp_path / "cache" / bigbench.ARCHIVE_NAME).exists()
