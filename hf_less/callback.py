@@ -83,8 +83,10 @@ class LessCallback(TrainerCallback):
             saved there too so the directory is a complete warmup.
         pool: candidate examples to capture (any format ``LessSelector`` accepts), or ``None``.
         targets: target examples to capture, or ``None``.
-        proj_dim, proj_kind, proj_seed, max_length, batch_size, projection_buffer_bytes: as for
-            ``LessSelector`` (they must match the selector that reuses the features).
+        proj_dim, proj_kind, proj_seed, max_length, batch_size, projection_buffer_bytes, autocast: as
+            for ``LessSelector`` (the projection and ``max_length`` must match the selector that reuses
+            the features). Capture runs at the model's own precision unless ``autocast``, whatever
+            mixed precision the training uses.
         tokenizer: defaults to the Trainer's ``processing_class``.
         shard_rows: pool rows per store shard (the unit of resumption and of the progress bar).
         dtype: storage dtype of captured features.
@@ -101,15 +103,15 @@ class LessCallback(TrainerCallback):
 
     def __init__(self, output_dir: str | os.PathLike | None = None, pool: Any = None, targets: Any = None,
                  proj_dim: int | None = 8192, *, proj_kind: str = DEFAULT_KIND, proj_seed: int = 0,
-                 max_length: int | None = 2048, batch_size: int = 8, projection_buffer_bytes: int = 2**30,
+                 max_length: int | None = 2048, batch_size: int | str = 8, projection_buffer_bytes: int = 2**30,
                  tokenizer=None, shard_rows: int = 1024, dtype: str = "float16", show_progress: bool = True,
-                 on_empty_completion: str = "error"):
+                 on_empty_completion: str = "error", autocast: bool = False):
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.pool, self.targets = pool, targets
         self.capture_settings = dict(proj_dim=proj_dim, proj_kind=proj_kind, proj_seed=proj_seed,
                                      max_length=max_length, batch_size=batch_size,
                                      projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
-                                     on_empty_completion=on_empty_completion)
+                                     on_empty_completion=on_empty_completion, autocast=autocast)
         self.tokenizer = tokenizer
         self.shard_rows = int(shard_rows)
         self.dtype = dtype

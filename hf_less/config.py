@@ -57,6 +57,12 @@ class LessSFTConfig(SFTConfig):
     less_max_length: int | None = field(default=None, metadata={
         "help": "Truncation length for features (default: max_length)."})
     less_batch_size: int = field(default=8, metadata={"help": "Examples per forward/backward while featurizing."})
+    less_auto_batch_size: bool = field(default=False, metadata={
+        "help": "On CUDA, featurize with the largest batch that fits (found once, halving from 128 on out-of-memory "
+                "errors), like auto_find_batch_size; ignored on a CPU (less_batch_size)."})
+    less_autocast: bool = field(default=False, metadata={
+        "help": "Featurize under bfloat16 autocast (faster on a GPU). Off by default: features are computed at the "
+                "precision of the model's weights, even when training uses bf16."})
     less_subtask_column: str | None = field(default=None, metadata={
         "help": "Column of the targets naming subtasks: the score is the max over subtasks of the mean similarity."})
     less_store_dtype: str = field(default="float16", metadata={"help": "Storage dtype of the feature stores."})
@@ -87,6 +93,11 @@ class LessSFTConfig(SFTConfig):
     def less_budget_value(self) -> int | float:
         """``less_budget`` as ``select`` takes it: an int count or a float fraction (parsed in ``__post_init__``)."""
         return self.less_budget
+
+    @property
+    def less_featurize_batch_size(self) -> int | str:
+        """``less_batch_size``, or ``"auto"`` under ``less_auto_batch_size`` (see :class:`hf_less.featurizer.Featurizer`)."""
+        return "auto" if self.less_auto_batch_size else self.less_batch_size
 
     @property
     def less_projection_dim(self) -> int | None:

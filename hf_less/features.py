@@ -145,16 +145,18 @@ def _forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], with_posi
     return total / count
 
 
-def autocast_context(device: torch.device, enabled: bool | None = None):
-    """bfloat16 autocast on CUDA (``enabled=None``: on when the GPU supports bfloat16), else a no-op.
+def autocast_context(device: torch.device, enabled: bool = False):
+    """bfloat16 autocast on ``device`` when ``enabled``, else a no-op (the model's own precision).
 
-    On the CPU the forward stays in the model's dtype: there autocast is not faster, and exact
-    float32 gradients keep features equal to the naive loop.
+    Off by default everywhere: features are then computed at the precision of the model's weights
+    (float32 weights give exact float32 gradients, equal to the naive loop). On a GPU with bfloat16
+    units, turning it on runs the forward and backward matmuls in bfloat16: faster, with the
+    rounding of mixed-precision training.
     """
-    if enabled is None:
-        enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if not enabled:
         return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("autocast=True needs a GPU with bfloat16 support; leave it off on this device.")
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
@@ -170,11 +172,11 @@ class PerExampleGradients:
     Args:
         model: a model (usually a ``peft.PeftModel``) whose trainable parameters are featurized.
         adapter_name: the PEFT adapter segment removed from parameter names to form keys.
-        autocast: bfloat16 autocast for the forward/backward; ``None`` = on CUDA only
-            (see :func:`autocast_context`).
+        autocast: bfloat16 autocast for the forward/backward (default off: the model's own
+            precision; see :func:`autocast_context`).
     """
 
-    def __init__(self, model: nn.Module, adapter_name: str | None = "default", *, autocast: bool | None = None):
+    def __init__(self, model: nn.Module, adapter_name: str | None = "default", *, autocast: bool = False):
         self.model = model
         self.params = trainable_parameters(model)
         self.keys = [parameter_key(n, adapter_name) for n, _ in self.params]

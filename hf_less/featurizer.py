@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,11 @@ from .projection import DEFAULT_KIND, make_projector
 from .scores import normalize
 
 logger = logging.getLogger(__name__)
+
+# batch_size="auto": the batch size on a CPU (batching there barely beats one example at a time), and
+# the first size tried on a GPU before halving on out-of-memory errors.
+CPU_BATCH_SIZE = 8
+AUTO_BATCH_START = 128
 
 Encoded = tuple[list[int], list[int]]  # (input_ids, labels with -100 on unscored tokens)
 
@@ -47,6 +52,26 @@ class NonFiniteFeatureError(FloatingPointError):
     def at(self, rows: Sequence[int], context: str) -> "NonFiniteFeatureError":
         """The same error for the same examples, named in the caller's terms."""
         return NonFiniteFeatureError(rows, context, self.detail)
+
+
+def find_batch_size(fits: Callable[[int], Any], start: int) -> int:
+    """The largest of ``start, start / 2, ..., 1`` for which ``fits(size)`` runs without running out of memory.
+
+    Out-of-memory errors are recognised as accelerate recognises them
+    (:func:`accelerate.utils.memory.should_reduce_batch_size`); any other error is raised.
+    """
+    from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+
+    size = int(start)
+    while True:
+        try:
+            fits(size)
+            return size
+        except Exception as e:  # noqa: BLE001 - re-raised below unless it is an out-of-memory error
+            if size == 1 or not should_reduce_batch_size(e):
+                raise
+        clear_device_cache(garbage_collection=True)
+        size //= 2
 
 
 def adapter_name_of(model) -> str | None:
@@ -116,27 +141,33 @@ class Featurizer:
         proj_kind, proj_seed: the projection (see :mod:`hf_less.projection`; ``"sparse"`` by default,
             ``"rademacher"`` is the reference's dense matrix).
         max_length: truncation length in tokens.
-        batch_size: examples per forward/backward pass.
+        batch_size: examples per forward/backward pass, or ``"auto"``: on CUDA the largest size from
+            :data:`AUTO_BATCH_START` down that runs the longest examples without running out of memory
+            (found once, on the first call; the smallest over all processes), on a CPU :data:`CPU_BATCH_SIZE`.
         projection_buffer_bytes: memory for exact gradients projected together.
         show_progress: tqdm bars (on the main process only).
         on_empty_completion: ``"error"`` (default) or ``"skip"``: what :meth:`encode` does with an
             example that has no completion token (see :func:`hf_less.data.encode_batch`).
+        autocast: run the forward/backward under bfloat16 autocast (default off: the precision of
+            the model's weights, so float32 weights give exact float32 gradients; on a GPU, on is faster).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, proj_dim: int | None = 8192, *,
                  proj_kind: str = DEFAULT_KIND, proj_seed: int = 0, max_length: int | None = 2048,
-                 batch_size: int = 8, projection_buffer_bytes: int = 2**30, show_progress: bool = True,
-                 on_empty_completion: str = "error"):
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+                 batch_size: int | str = 8, projection_buffer_bytes: int = 2**30, show_progress: bool = True,
+                 on_empty_completion: str = "error", autocast: bool = False):
+        self.auto_batch_size = batch_size == "auto"
+        if not self.auto_batch_size and (isinstance(batch_size, str) or int(batch_size) < 1):
+            raise ValueError(f"batch_size must be an int >= 1 or 'auto', got {batch_size!r}.")
         self.on_empty_completion = check_on_empty(on_empty_completion)
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.batch_size = int(batch_size)
+        self.batch_size = CPU_BATCH_SIZE if self.auto_batch_size else int(batch_size)
         self.projection_buffer_bytes = int(projection_buffer_bytes)
         self.show_progress = show_progress
-        self.grads = PerExampleGradients(model, adapter_name_of(model))
+        self.autocast = bool(autocast)
+        self.grads = PerExampleGradients(model, adapter_name_of(model), autocast=self.autocast)
         self.projector = None if proj_dim is None else make_projector(self.grads.dim, proj_dim, proj_kind, proj_seed)
         self.dim = self.grads.dim if proj_dim is None else int(proj_dim)
 
@@ -148,6 +179,8 @@ class Featurizer:
             "projection": None if self.projector is None else self.projector.identity,
             "dim": self.dim,
             "max_length": self.max_length,
+            # Informational (not compared on reuse): bfloat16 autocast changes features by rounding only.
+            "autocast": self.autocast,
         }
 
     @property
@@ -222,6 +255,26 @@ class Featurizer:
         feats = self.projector(buf) if buffered else torch.cat(parts)
         return normalize(feats).cpu()
 
+    def _resolve_batch_size(self, encoded: Sequence[Encoded], moments: AdamMoments | None, split: bool) -> None:
+        """``batch_size="auto"``: fix the batch size once, on the first call (see the class doc)."""
+        self.auto_batch_size = False
+        if self.device.type != "cuda":
+            return  # CPU_BATCH_SIZE, set at construction
+        longest = sorted(encoded, key=lambda e: -len(e[0]))
+        pad, side = pad_token_id(self.tokenizer), padding_side(self.tokenizer)
+
+        def fits(size: int) -> None:  # the longest examples, repeated to fill the batch: the worst case
+            rows = [longest[i % len(longest)] for i in range(size)]
+            batch = {k: v.to(self.device) for k, v in collate(rows, pad, side).items()}
+            with eval_mode(self.model):
+                gradient_features(self.grads, batch, self.projector, moments)
+
+        size = find_batch_size(fits, AUTO_BATCH_START)
+        if split:  # every process must cut the same units
+            size = min(distributed.all_gather(size))
+        self.batch_size = size
+        logger.info("batch_size='auto': %d examples per batch on %s.", size, self.device)
+
     def _non_finite(self, encoded: Sequence[Encoded], idx: list[int], moments) -> NonFiniteFeatureError:
         """Find which examples of a failed batch are non-finite: each alone (only on this error path)."""
         pad = pad_token_id(self.tokenizer)
@@ -254,6 +307,8 @@ class Featurizer:
         split = split and distributed.is_distributed()
         rank, world = (distributed.rank(), distributed.world_size()) if split else (0, 1)
         out = torch.empty((len(encoded), self.dim), dtype=torch.float32)
+        if self.auto_batch_size and encoded:
+            self._resolve_batch_size(encoded, moments, split)
         units = self.units(encoded)
         bar = progress if progress is not None else tqdm(
             total=len(encoded), desc=desc, unit="ex", disable=not (self.show_progress and desc and rank == 0))

@@ -50,7 +50,9 @@ class LessSelector:
             reference's dense matrix) or ``"gaussian"``; see :mod:`hf_less.projection`.
         proj_seed: the projection seed.
         max_length: truncation length in tokens.
-        batch_size: examples per forward/backward pass while featurizing.
+        batch_size: examples per forward/backward pass while featurizing, or ``"auto"`` (on CUDA the
+            largest that fits; see :class:`hf_less.featurizer.Featurizer`).
+        autocast: featurize under bfloat16 autocast (default off: the precision of the model's weights).
         subtask_column: a column of ``targets`` naming each example's subtask; ``less_score``
             is then the max over subtasks of the mean similarity within the subtask.
         checkpoints: warmup steps to use (default: all).
@@ -79,7 +81,8 @@ class LessSelector:
         proj_kind: str = DEFAULT_KIND,
         proj_seed: int = 0,
         max_length: int | None = 2048,
-        batch_size: int = 8,
+        batch_size: int | str = 8,
+        autocast: bool = False,
         subtask_column: str | None = None,
         checkpoints: Sequence[int] | None = None,
         device: str | torch.device | None = None,
@@ -105,7 +108,7 @@ class LessSelector:
         self.featurizer = Featurizer(
             self.model, tokenizer, proj_dim, proj_kind=proj_kind, proj_seed=proj_seed, max_length=max_length,
             batch_size=batch_size, projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
-            on_empty_completion=on_empty_completion)
+            on_empty_completion=on_empty_completion, autocast=autocast)
         self.grads = self.featurizer.grads
         self._adapter_states: dict[int, dict[str, torch.Tensor]] = {}
         self._loaded: int | None = None

@@ -195,3 +195,73 @@ def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, 
     # The Adam formula written out (checked elementwise against the paper in another test).
     ref = ((0.9 * m + 0.1 * g) / torch.sqrt(0.999 * v + 0.001 * g**2 + 1e-8)) @ R
     torch.testing.assert_close(out, torch.nn.functional.normalize(ref, dim=1), rtol=1e-4, atol=1e-5)
+
+
+# -- precision and batch size options --------------------------------------------------------------
+
+def test_autocast_is_an_explicit_option_off_by_default(lora_model, tokenizer, encoded):
+    from hf_less.featurizer import Featurizer
+
+    assert Featurizer(lora_model, tokenizer, 64, show_progress=False).grads.autocast is False
+    exact = Featurizer(lora_model, tokenizer, None, show_progress=False)
+    fast = Featurizer(lora_model, tokenizer, None, show_progress=False, autocast=True)
+    assert fast.grads.autocast is True and fast.identity["autocast"] is True and exact.identity["autocast"] is False
+    a, b = exact(encoded[:4]), fast(encoded[:4])
+    assert not torch.equal(a, b)  # the option reaches the forward: bfloat16 rounding changes the numbers ...
+    cos = (torch.nn.functional.normalize(a, dim=1) * torch.nn.functional.normalize(b, dim=1)).sum(1)
+    assert (cos > 0.99).all(), cos  # ... by rounding only
+
+
+def test_config_options_reach_the_featurizer_arguments(tmp_path):
+    from hf_less import LessSFTConfig
+
+    a = LessSFTConfig(output_dir=str(tmp_path), less_autocast=True, less_auto_batch_size=True, use_cpu=True)
+    assert a.less_featurize_batch_size == "auto" and a.less_autocast is True
+    b = LessSFTConfig(output_dir=str(tmp_path), less_batch_size=3, use_cpu=True)
+    assert b.less_featurize_batch_size == 3 and b.less_autocast is False
+
+
+def test_find_batch_size_halves_on_out_of_memory_only():
+    from hf_less.featurizer import find_batch_size
+
+    tried = []
+
+    def fits(size, limit=20):
+        tried.append(size)
+        if size > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert find_batch_size(fits, 128) == 16 and tried == [128, 64, 32, 16]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        find_batch_size(lambda size: fits(size, limit=0), 4)  # not even one example fits
+    with pytest.raises(ValueError, match="not memory"):
+        find_batch_size(lambda size: (_ for _ in ()).throw(ValueError("not memory")), 8)
+
+
+def test_auto_batch_size_on_a_cpu_is_the_cpu_default(lora_model, tokenizer, encoded):
+    from hf_less.featurizer import CPU_BATCH_SIZE, Featurizer
+
+    auto = Featurizer(lora_model, tokenizer, 64, batch_size="auto", show_progress=False)
+    fixed = Featurizer(lora_model, tokenizer, 64, batch_size=CPU_BATCH_SIZE, show_progress=False)
+    torch.testing.assert_close(auto(encoded), fixed(encoded), rtol=0, atol=0)
+    assert auto.batch_size == CPU_BATCH_SIZE and not auto.auto_batch_size
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1 or 'auto', got 'big'"):
+        Featurizer(lora_model, tokenizer, 64, batch_size="big")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_features_match_the_cpu_with_auto_batch_size(tokenizer, encoded):
+    from hf_less.featurizer import Featurizer
+
+    model = make_lora_model(tokenizer)
+    grads = PerExampleGradients(model)
+    moments = random_moments(grads)
+    cpu = Featurizer(model, tokenizer, 256, show_progress=False)(encoded, moments)
+    model.cuda()
+    gpu = Featurizer(model, tokenizer, 256, batch_size="auto", show_progress=False)
+    out = gpu(encoded, moments)
+    assert gpu.batch_size >= 1 and not gpu.auto_batch_size
+    torch.testing.assert_close(out, cpu, rtol=1e-3, atol=1e-4)  # TF32 off by default: float32 on both
+    bf16 = Featurizer(model, tokenizer, 256, show_progress=False, autocast=True)(encoded, moments)
+    assert ((bf16 * cpu).sum(1) > 0.99).all()
