@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="model weights (default: float32 on a CPU, bfloat16 on CUDA)")
     p.add_argument("--model", default=None, help="a local model directory instead of random Llama shapes")
+    p.add_argument("--agreement", action="store_true",
+                   help="at the shallowest depth, also compare each kind's cosines and top-25%% with exact features")
     p.add_argument("--quick", action="store_true", help="8 examples, 1 round, no big pool: a smoke run")
     p.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     args = p.parse_args(argv)
@@ -201,6 +203,41 @@ def featurize_seconds(featurizer, examples, moments, batch: int | None = None) -
     return time.perf_counter() - t
 
 
+def agreement(model, pool, moments, args) -> list[dict]:
+    """Each kind's LESS similarities against the exact (unprojected) ones on the same examples.
+
+    Pool features are Adam directions, targets (8 other examples) plain gradients, as in LESS; the
+    score is the mean similarity over the targets and the selection its top 25%.
+    """
+    from hf_less.featurizer import Featurizer
+
+    targets = make_examples(8, args.tokens, args.vocab, seed=2)
+    k = max(1, len(pool) // 4)
+
+    def sims(kind, dim):
+        f = Featurizer(model, None, dim, proj_kind=kind, batch_size=args.batch_size, show_progress=False)
+        return f(pool, moments) @ f(targets).T  # rows are L2-normalised: cosines
+
+    exact = sims("sparse", None)
+    top = set(exact.mean(1).topk(k).indices.tolist())
+    out = []
+    for kind in args.kinds:
+        s = sims(kind, args.dim)
+        row = {"kind": kind, "max_abs_cos_error": float((s - exact).abs().max()),
+               "top25_overlap_with_exact": len(top & set(s.mean(1).topk(k).indices.tolist())) / k,
+               "score_spearman": spearman(s.mean(1), exact.mean(1))}
+        print(f"agreement {kind:>10}: max |cos - exact| {row['max_abs_cos_error']:.4f} (1/sqrt(d) = "
+              f"{args.dim ** -0.5:.4f}); top-25% overlap with exact {row['top25_overlap_with_exact']:.0%}; "
+              f"score Spearman {row['score_spearman']:.3f}", flush=True)
+        out.append(row)
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
 def measure_depth(args, layers: int, device: torch.device) -> list[dict]:
     from hf_less.featurizer import Featurizer
 
@@ -213,6 +250,8 @@ def measure_depth(args, layers: int, device: torch.device) -> list[dict]:
     moments = adam_moments(model, optimizer, probe.grads.keys)
     del probe
     rows = []
+    if args.agreement and layers == min(args.layers):
+        args.agreement_rows = agreement(model, pool, moments, args)
     for kind in args.kinds:
         featurizer = Featurizer(model, None, args.dim, proj_kind=kind, batch_size=args.batch_size, show_progress=False)
         t_cold = featurize_seconds(featurizer, pool, moments)
@@ -295,7 +334,8 @@ def main(argv=None) -> dict:
     lines = verdict(rows, args)
     print("\n".join(lines))
     res = {"device": card, "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
-           "settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows, "verdict": lines}
+           "settings": {k: v for k, v in vars(args).items() if k not in ("json", "agreement_rows")}, "rows": rows,
+           "agreement": getattr(args, "agreement_rows", None), "verdict": lines}
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=str))
     return res
