@@ -255,6 +255,17 @@ class Featurizer:
         feats = self.projector(buf) if buffered else torch.cat(parts)
         return normalize(feats).cpu()
 
+    def _on_device(self, moments: AdamMoments | None) -> AdamMoments | None:
+        """The moments as float32 on the compute device, moved once per checkpoint rather than per batch."""
+        if moments is None or self.device.type == "cpu":
+            return moments
+        held = getattr(self, "_device_moments", None)
+        if held is None or held[0] is not moments:
+            move = lambda d: {k: t.to(self.device, torch.float32) for k, t in d.items()}  # noqa: E731
+            held = (moments, AdamMoments(move(moments.exp_avg), move(moments.exp_avg_sq), moments.betas, moments.eps))
+            self._device_moments = held
+        return held[1]
+
     def _resolve_batch_size(self, encoded: Sequence[Encoded], moments: AdamMoments | None, split: bool) -> None:
         """``batch_size="auto"``: fix the batch size once, on the first call (see the class doc)."""
         self.auto_batch_size = False
@@ -307,6 +318,7 @@ class Featurizer:
         split = split and distributed.is_distributed()
         rank, world = (distributed.rank(), distributed.world_size()) if split else (0, 1)
         out = torch.empty((len(encoded), self.dim), dtype=torch.float32)
+        moments = self._on_device(moments)
         if self.auto_batch_size and encoded:
             self._resolve_batch_size(encoded, moments, split)
         units = self.units(encoded)
