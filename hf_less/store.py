@@ -2,7 +2,8 @@
 
 Layout of a store directory::
 
-    meta.json              what the features are: representation, model, checkpoints, projection, dtype
+    meta.json              what the features are: representation, model, checkpoints, projection, dtype,
+                           rows (null while a streamed pool's length is unknown; set by finish())
     manifest.json          the complete shards: rows and sha256 of every file (rewritten atomically)
     step-<N>/shard-<k>.npy (rows_k, d) array for checkpoint step N
     keys/shard-<k>.npy     (rows_k, 16) uint8 content keys of the rows (when meta["keyed"])
