@@ -7,9 +7,13 @@
   parameter, ``<key>`` the parameter's name without the adapter segment (the key format of
   ``adapter_model.safetensors``), so the state does not depend on optimizer indices;
 - ``less_state.json``: betas, eps, the mean learning rate over the optimizer steps since the
-  previous checkpoint, the global step, and the parameter keys in order;
+  previous checkpoint, the global step, the parameter keys in order, and the warmup's ``run``
+  identity (see :func:`run_identity`);
 - ``less_features/pool`` and ``less_features/targets``: feature stores (see
   :mod:`hf_less.store`) captured by ``LessCallback(pool=..., targets=...)`` at this checkpoint.
+
+``less_run.json``, beside the checkpoints, is the identity of the run that writes them
+(``LessSFTTrainer`` writes its warmup settings, subset digest and model there).
 
 The checkpoint weight of LESS is ``w_i = mean_lr_i / sum_j mean_lr_j``.
 """
@@ -24,6 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import warnings
+
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -33,6 +39,9 @@ from .features import AdamMoments
 STATE_FILE = "less_state.json"
 MOMENTS_FILE = "less_moments.safetensors"
 CAPTURE_DIR = "less_features"
+RUN_FILE = "less_run.json"
+# The fields of the Trainer's trainer_state.json that differ between runs of other lengths or batch sizes.
+TRAINER_RUN_FIELDS = ("max_steps", "num_train_epochs", "train_batch_size")
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -104,7 +113,44 @@ def save_less_state(
         "eps": float(moments.eps),
         "optimizer": optimizer,
         "parameters": list(keys),
+        "run": run_identity(d),
     })
+
+
+def run_identity(checkpoint_dir: str | os.PathLike) -> dict:
+    """The identity of the run that wrote ``checkpoint_dir``, as recorded in its ``less_state.json``.
+
+    ``warmup``: the content of ``less_run.json`` beside the checkpoints (``LessSFTTrainer`` writes
+    its warmup settings, subset and model digests there before training); ``trainer``: the run
+    length and batch size from the Trainer's ``trainer_state.json`` in the checkpoint (written
+    before ``on_save``), which tell a rerun with other epochs apart in any Trainer. Either is left
+    out when its file is absent. Checkpoints of one warmup directory must all have the same.
+    """
+    d = Path(checkpoint_dir)
+    run: dict = {}
+    if (d.parent / RUN_FILE).exists():
+        run["warmup"] = json.loads((d.parent / RUN_FILE).read_text())
+    if (d / "trainer_state.json").exists():
+        trainer_state = json.loads((d / "trainer_state.json").read_text())
+        run["trainer"] = {k: trainer_state.get(k) for k in TRAINER_RUN_FIELDS}
+    return run
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_differences(a: dict, b: dict) -> list[str]:
+    """``"key: a -> b"`` for every field in which two run identities differ (nested keys dotted)."""
+    fa, fb = _flat(a), _flat(b)
+    return [f"{k}: {fa.get(k, '(absent)')!r} -> {fb.get(k, '(absent)')!r}"
+            for k in sorted(set(fa) | set(fb)) if fa.get(k, "(absent)") != fb.get(k, "(absent)")]
 
 
 def load_moments(checkpoint_dir: str | os.PathLike) -> AdamMoments:
@@ -167,8 +213,53 @@ def checkpoint_weights(mean_lrs: list[float]) -> list[float]:
     """``w_i = lr_i / sum_j lr_j`` (LESS weights checkpoints by their mean learning rate)."""
     total = float(sum(mean_lrs))
     if not total > 0:
-        raise ValueError(f"Checkpoint learning rates {mean_lrs} do not sum to a positive number.")
+        raise ValueError(
+            f"Checkpoint learning rates {mean_lrs} do not sum to a positive number: every optimizer step of "
+            "the warmup ran at learning rate 0 (e.g. a schedule whose warmup starts at 0, in a run of a single "
+            "step), so no checkpoint can be weighted. Train the warmup for more steps or with a schedule "
+            "whose first step has a positive learning rate (LessSFTTrainer's warmup has one).")
     return [float(lr) / total for lr in mean_lrs]
+
+
+def _check_one_run(root: Path, ckpts: list[LessCheckpoint]) -> None:
+    """Refuse checkpoints written by different runs (a rerun into the same directory, a copied checkpoint)."""
+    runs: list[tuple[dict, list[str]]] = []
+    for c in ckpts:
+        run = c.state.get("run", {})
+        for known, names in runs:
+            if known == run:
+                names.append(c.path.name)
+                break
+        else:
+            runs.append((run, [c.path.name]))
+    if len(runs) < 2:
+        return
+    (first, first_names), groups = runs[0], []
+    for run, names in runs[1:]:
+        groups.append(f"{names} differ from {first_names} in " + "; ".join(run_differences(first, run)))
+    raise ValueError(
+        f"The checkpoints in {str(root)!r} come from {len(runs)} different warmup runs (an earlier run's "
+        f"checkpoints left in the directory, or a checkpoint copied in): " + " | ".join(groups)
+        + ". Mixing them would weight features of unrelated models. Re-run the warmup into an empty directory, "
+        "or choose one run's steps (checkpoints=[...], --checkpoints).")
+
+
+def _warn_deleted(root: Path, ckpts: list[LessCheckpoint], used: list[LessCheckpoint]) -> None:
+    """Warn when checkpoints of the run are gone (``save_total_limit``): the weights cover the survivors only.
+
+    Each state records the optimizer steps since the previous save (``lr_steps``), so the
+    previous checkpoint's step is known; a previous step that is not on disk was deleted.
+    """
+    steps = {c.step for c in ckpts}
+    deleted = sorted({c.step - int(c.state.get("lr_steps", 0)) for c in ckpts} - steps - {0})
+    deleted = [s for s in deleted if s > 0]
+    if deleted:
+        warnings.warn(
+            f"The warmup in {str(root)!r} saved checkpoints that are no longer there (deleted by save_total_limit?): "
+            f"at least those of steps {deleted}, the ones before a survivor. The LESS weights are renormalised over "
+            f"the surviving checkpoints "
+            f"{[c.path.name for c in used]} only. Train the warmup with save_total_limit=None to keep every one.",
+            UserWarning, stacklevel=3)
 
 
 def find_checkpoints(warmup_dir: str | os.PathLike, steps: list[int] | None = None) -> list[LessCheckpoint]:
@@ -198,11 +289,15 @@ def find_checkpoints(warmup_dir: str | os.PathLike, steps: list[int] | None = No
             raise ValueError(f"{p / STATE_FILE} has format_version {state.get('format_version')}, "
                              f"this hf-less reads {FORMAT_VERSION}; re-run the warmup.")
         ckpts.append(LessCheckpoint(p, int(state["global_step"]), float(state["mean_lr"]), state=state))
+    found = ckpts
     if steps is not None:
         have = {c.step for c in ckpts}
         if set(steps) - have:
             raise ValueError(f"Checkpoint steps {sorted(set(steps) - have)} not found; available: {sorted(have)}.")
         ckpts = [c for c in ckpts if c.step in set(steps)]
+    _check_one_run(root, ckpts)
+    if len(dirs) > 1 or dirs[0] != root:  # a single checkpoint given alone is its user's choice
+        _warn_deleted(root, found, ckpts)
     for c, w in zip(ckpts, checkpoint_weights([c.mean_lr for c in ckpts])):
         c.weight = w
     return ckpts

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import selectors
 from .data import collate, detect_format, encode_batch, pad_token_id, padding_side
 from .featurizer import rows_of
+from .identity import tokenizer_identity
 from .scores import less_score, normalize, subtask_index
 
 REPRESENTATIONS = ("rds", "embedding", "random")
@@ -331,6 +332,8 @@ class RepresentationSelector:
         self.num_targets = len(self.target_features)
         identity["targets"] = hashlib.sha256(self.target_features.numpy().tobytes()).hexdigest()
         identity["subtasks"] = self.subtask_ids.tolist()
+        # The tokenizer (and its chat template) decides what an rds pool row is, and how a tokenized one decodes.
+        identity["tokenizer"] = tokenizer_identity(self.tokenizer)
         self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def features(self, columns: Mapping[str, Sequence[Any]]) -> torch.Tensor:

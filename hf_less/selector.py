@@ -21,6 +21,7 @@ from .checkpoints import LessCheckpoint, find_checkpoints
 from .data import detect_format, empty_rows
 from .featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, rows_of
 from .filters import keep_indices
+from .identity import tokenizer_identity
 from .projection import DEFAULT_KIND
 from .scores import less_score, subtask_index, weighted_sims
 from .store import META_FILE, FeatureStore, IncompatibleFeaturesError, check_compatible
@@ -148,10 +149,13 @@ class LessSelector:
         self._warned_overlap = False
         self.num_targets = len(encoded)
         self.target_features = [self._target_features(encoded, i) for i in range(len(self.checkpoints))]
+        # The tokenizer too: a pool mapped after a chat-template change is tokenized differently, so
+        # scores cached under the old template must not be reused.
         self.fingerprint = hashlib.sha256(json.dumps({
             **self.identity,
             "targets": [hashlib.sha256(f.numpy().tobytes()).hexdigest() for f in self.target_features],
             "subtasks": self.subtask_ids.tolist(),
+            "tokenizer": tokenizer_identity(tokenizer),
         }, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -477,7 +481,7 @@ class LessSelector:
 
 
 def _register_datasets_hash() -> None:
-    """Make ``datasets`` fingerprint a selector by its identity (model, warmup, projection, targets).
+    """Make ``datasets`` fingerprint a selector by its identity (model, warmup, projection, targets, tokenizer).
 
     Without this, ``map`` would hash the whole model (slow) and could not tell two selectors
     apart only by their state; with it, a map against other targets or another warmup never

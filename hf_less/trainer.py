@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
 import logging
+import math
 import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,8 +33,10 @@ from trl import SFTConfig, SFTTrainer
 
 from . import distributed, selectors, sharded
 from .callback import LessCallback
+from .checkpoints import RUN_FILE, atomic_write_json, find_checkpoints, run_differences
 from .config import LessSFTConfig
 from .featurizer import rows_of
+from .identity import model_digest, rows_digest, tokenizer_identity
 from .selection import Selection, load_pool_scores, load_selection, save_selection
 from .selector import LessSelector
 
@@ -38,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 WARMUP_SUBDIR = "less_warmup"
 FEATURES_SUBDIR = "less_features"
+# The LESS paper's warmup: linear, over 3% of the steps (Xia et al. 2024), shifted so no step runs at LR 0.
+# The LessSFTConfig fields that change the warmup run (recorded in its identity).
+WARMUP_SETTINGS = ("less_warmup_fraction", "less_warmup_epochs", "less_warmup_learning_rate", "less_warmup_batch_size",
+                   "less_lora_r", "less_lora_alpha", "less_lora_dropout", "less_lora_target_modules", "less_seed")
+WARMUP_SCHEDULE = {"kind": "linear, warmup 3% of the steps, first step > 0", "warmup_ratio": 0.03}
 
 
 class LessSFTTrainer(SFTTrainer):
@@ -101,19 +112,20 @@ class LessSFTTrainer(SFTTrainer):
         """Warmup, featurize, score and select; sets ``selected_indices`` and the training set."""
         a: LessSFTConfig = self.args
         start = time.perf_counter()
-        settings = self._settings()
+        # The selection model first: a reused selection must have been made with the same weights and tokenizer.
+        model, tokenizer = self._selection_model()
+        settings = self._settings(model, tokenizer)
         selection = self._reusable_selection(settings)
         pool_scores = None
         if selection is None:
-            model, tokenizer = self._selection_model()
             if a.less_warmup_dir:
                 warmup_dir = a.less_warmup_dir
             else:
-                warmup_dir, model = self._warmup(model, tokenizer)
+                warmup_dir, model = self._warmup(model, tokenizer, settings)
             selection, pool_scores = self._select(model, tokenizer, warmup_dir, settings)
-            del model
         else:
             pool_scores = load_pool_scores(a.output_dir)
+        del model
         self._selection_source = None  # the copy is not needed any more: free it before training
         gc.collect()
         if torch.cuda.is_available():
@@ -154,8 +166,13 @@ class LessSFTTrainer(SFTTrainer):
                 pass
         return model.to(a.device), tokenizer
 
-    def _warmup(self, model, tokenizer):
-        """LoRA SFT on a random ``less_warmup_fraction`` of the pool, capturing features per epoch."""
+    def _warmup(self, model, tokenizer, settings: dict):
+        """LoRA SFT on a random ``less_warmup_fraction`` of the pool, capturing features per epoch.
+
+        The run's identity (warmup settings, subset digest, model, tokenizer) goes into
+        ``less_run.json`` beside the checkpoints, and from there into every checkpoint's LESS state;
+        checkpoints an earlier run left in the directory are removed first (see :meth:`_fresh_warmup_dir`).
+        """
         from peft import LoraConfig
 
         a: LessSFTConfig = self.args
@@ -175,6 +192,7 @@ class LessSFTTrainer(SFTTrainer):
         n = len(self.pool)
         size = max(1, int(round(a.less_warmup_fraction * n)))
         subset = np.sort(np.random.default_rng(a.less_seed).permutation(n)[:size]).tolist()
+        warmup_set = self.pool.select(subset)
         fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
         config = {k: v for k, v in a.to_dict().items() if k in fields}
         # to_dict() masks every *_token field (hub_token, but also eos_token, pad_token): take the real ones.
@@ -182,7 +200,9 @@ class LessSFTTrainer(SFTTrainer):
         config.update(
             output_dir=out, num_train_epochs=a.less_warmup_epochs, max_steps=-1, save_strategy="epoch",
             save_total_limit=None, save_only_model=True, eval_strategy="no", load_best_model_at_end=False,
-            learning_rate=a.less_warmup_learning_rate, lr_scheduler_type="linear", warmup_steps=0.03,
+            # The schedule is _WarmupSFTTrainer's (WARMUP_SCHEDULE): warmup_steps=0, an int, means "none" in
+            # every supported transformers (a float is a ratio from 5.0 on, refused before), so it is inert.
+            learning_rate=a.less_warmup_learning_rate, lr_scheduler_type="linear", warmup_steps=0,
             per_device_train_batch_size=a.less_warmup_batch_size or a.per_device_train_batch_size,
             report_to="none", push_to_hub=False, seed=a.less_seed, packing=False,
             run_name=f"{a.run_name or 'less'}-warmup", resume_from_checkpoint=None,
@@ -196,10 +216,19 @@ class LessSFTTrainer(SFTTrainer):
             batch_size=a.less_featurize_batch_size, autocast=a.less_autocast, tokenizer=tokenizer,
             dtype=a.less_store_dtype,
             show_progress=not a.disable_tqdm, on_empty_completion=a.less_on_empty_completion)
+        run = {
+            "settings": {k: settings[k] for k in sorted(settings) if k in WARMUP_SETTINGS},
+            "batch_size": config["per_device_train_batch_size"],
+            "gradient_accumulation_steps": a.gradient_accumulation_steps, "world_size": a.world_size,
+            "optim": config["optim"], "schedule": WARMUP_SCHEDULE, "max_length": a.max_length,
+            "subset": rows_digest(rows_of(warmup_set)), "subset_size": size,
+            "model": settings["model"], "tokenizer": settings["tokenizer"],
+        }
+        distributed.on_main(lambda: _fresh_warmup_dir(Path(out), json.loads(json.dumps(run, default=str))))
         logger.info("LESS warmup: LoRA r=%d on %d of %d pool examples for %d epochs, in %s",
                     a.less_lora_r, size, n, a.less_warmup_epochs, out)
-        trainer = SFTTrainer(model, args=SFTConfig(**config), train_dataset=self.pool.select(subset),
-                             processing_class=tokenizer, peft_config=lora, callbacks=[capture])
+        trainer = _WarmupSFTTrainer(model, args=SFTConfig(**config), train_dataset=warmup_set,
+                                    processing_class=tokenizer, peft_config=lora, callbacks=[capture])
         trainer.train()
         if fsdp:
             del trainer
@@ -244,8 +273,12 @@ class LessSFTTrainer(SFTTrainer):
 
     # -- reuse -----------------------------------------------------------------------------------
 
-    def _settings(self) -> dict:
-        """What the selection depends on: a reused selection must match all of it."""
+    def _settings(self, model, tokenizer) -> dict:
+        """What the selection depends on: a reused selection must match all of it (and its warmup checkpoints).
+
+        ``model`` and ``tokenizer`` are the selection model (before any warmup adapter) and its
+        tokenizer: their weights and chat template count, not only the model's name.
+        """
         a: LessSFTConfig = self.args
         targets = rows_of(self.target_dataset)
         return {
@@ -255,18 +288,40 @@ class LessSFTTrainer(SFTTrainer):
             "max_length": self._max_length(),
             "selection_model": a.less_selection_model or getattr(getattr(self.model, "config", None),
                                                                  "_name_or_path", None),
+            "model": model_digest(model),
+            "tokenizer": tokenizer_identity(tokenizer),
         }
 
     def _reusable_selection(self, settings: dict) -> Selection | None:
+        """The selection in ``output_dir`` if every input it was made from is unchanged, else ``None``.
+
+        Unchanged: the settings (pool, targets, LESS settings, selection model's weights, tokenizer
+        and chat template) and the warmup checkpoints it was scored with (step, weight, content digest).
+        """
         if not self.args.less_reuse_selection:
             return None
         try:
             previous = load_selection(self.args.output_dir)
         except (FileNotFoundError, ValueError):
             return None
-        if previous.extra.get("settings") != json.loads(json.dumps(settings, default=str)):
+        before = previous.extra.get("settings") or {}
+        differences = run_differences(before, json.loads(json.dumps(settings, default=str)))
+        if differences:
+            logger.info("Not reusing the selection in %s: %s.", self.args.output_dir, "; ".join(differences))
             return None
-        logger.info("Reusing the selection in %s (same pool, targets and LESS settings).", self.args.output_dir)
+        warmup_dir = previous.extra.get("warmup_dir")
+        try:
+            now = [{"step": c.step, "weight": c.weight, "digest": c.digest} for c in find_checkpoints(warmup_dir)]
+        except (TypeError, OSError, ValueError) as e:  # gone, or no longer a warmup directory
+            logger.info("Not reusing the selection in %s: its warmup checkpoints cannot be read (%s).",
+                        self.args.output_dir, e)
+            return None
+        if now != previous.checkpoints:
+            logger.info("Not reusing the selection in %s: the warmup checkpoints in %s changed since (%s, now %s).",
+                        self.args.output_dir, warmup_dir, previous.checkpoints, now)
+            return None
+        logger.info("Reusing the selection in %s (same pool, targets, model, tokenizer, LESS settings and warmup "
+                    "checkpoints).", self.args.output_dir)
         return previous
 
     # -- small helpers ---------------------------------------------------------------------------
@@ -279,6 +334,66 @@ class LessSFTTrainer(SFTTrainer):
         if column is None:
             return self.target_dataset
         return {k: v for k, v in rows_of(self.target_dataset).items() if k != column}
+
+
+def warmup_lr_factor(step: int, warmup: int, total: int) -> float:
+    """The LR factor of optimizer step ``step`` (0-based) of ``total``: linear warmup, then linear decay to 0.
+
+    The warmup's step ``s < warmup`` uses ``(s + 1) / (warmup + 1)``, not transformers' ``s / warmup``,
+    whose first step runs at LR 0: LESS weights each checkpoint by the mean LR of its steps, and a
+    warmup of one optimizer step would then have no positive weight at all. Every step's factor
+    is in (0, 1].
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class _WarmupSFTTrainer(SFTTrainer):
+    """The warmup's ``SFTTrainer``: its LR schedule is :func:`warmup_lr_factor` over 3% of the steps.
+
+    Set here, not through ``TrainingArguments``, because ``warmup_steps``/``warmup_ratio`` mean
+    different things across the supported transformers versions, and because their schedule runs
+    the first step at LR 0.
+    """
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            warmup = math.ceil(WARMUP_SCHEDULE["warmup_ratio"] * num_training_steps)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer if optimizer is None else optimizer,
+                functools.partial(warmup_lr_factor, warmup=warmup, total=num_training_steps))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+def _fresh_warmup_dir(out: Path, run: dict) -> None:
+    """Make ``out`` ready for the warmup ``run``: earlier checkpoints removed, ``less_run.json`` written.
+
+    The warmup is trained anew every time, so checkpoints already there are stale: left in place
+    (a rerun with fewer epochs saves fewer), they would be scored with the new ones. A directory
+    from a run with another identity is restarted with a warning that says what differs.
+    """
+    stale = sorted((p for p in out.glob("checkpoint-*") if p.is_dir()), key=lambda p: p.name) if out.is_dir() else []
+    previous = None
+    if (out / RUN_FILE).exists():
+        try:
+            previous = json.loads((out / RUN_FILE).read_text())
+        except ValueError:
+            previous = None
+    if stale:
+        if previous != run:
+            why = ("; ".join(run_differences(previous, run)) if previous is not None
+                   else f"it has no {RUN_FILE} (written by another tool or an older hf-less)")
+            logger.warning("Restarting the LESS warmup in %s: its checkpoints %s come from another warmup run (%s); "
+                           "they are removed.", out, [p.name for p in stale], why)
+        else:
+            logger.info("Re-running the LESS warmup in %s (same run identity): removing its checkpoints %s.",
+                        out, [p.name for p in stale])
+        for p in stale:
+            shutil.rmtree(p)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RUN_FILE, run)
 
 
 class _LogOnTrainBegin(TrainerCallback):
