@@ -160,6 +160,34 @@ def autocast_context(device: torch.device, enabled: bool = False):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _hookable(module: nn.Module, pname: str) -> bool:
+    """Whether the hooks give this parameter's per-example gradient exactly from the module's calls.
+
+    Only the stock forwards qualify (a subclass or a patched ``forward`` may do anything with the
+    weight), and for ``nn.Embedding`` only the plain lookup: ``max_norm`` renormalises the weight in
+    place and ``scale_grad_by_freq`` rescales by batch-wide counts.
+    """
+    if "forward" in vars(module):
+        return False
+    if type(module).forward is nn.Linear.forward:
+        return pname in ("weight", "bias")
+    if type(module).forward is nn.Embedding.forward:
+        return pname == "weight" and module.max_norm is None and not module.scale_grad_by_freq
+    return False
+
+
+@dataclass
+class _Call:
+    """One recorded call of a hooked module during the batched forward."""
+
+    x: torch.Tensor  # detached input: (B, T|K, in) for nn.Linear, token ids (B, T) for nn.Embedding
+    out: torch.Tensor  # the output, still in the graph
+    node: object  # out.grad_fn at call time: the entry of the call's own autograd nodes
+    version: int  # out._version at call time: an in-place change after the call is detected
+    src: object  # the input's grad_fn: where the graph continues below the call's own nodes
+    leaf: torch.Tensor | None  # the input itself when it is a leaf that requires grad
+
+
 class PerExampleGradients:
     """Per-example gradients of the trainable parameters of ``model``.
 
@@ -182,18 +210,25 @@ class PerExampleGradients:
         self.keys = [parameter_key(n, adapter_name) for n, _ in self.params]
         self.sizes = [p.numel() for _, p in self.params]
         self.dim = sum(self.sizes)
-        owner = {}
-        for module in model.modules():
+        # Every module that holds each trainable Parameter: a tied weight (embedding and LM head) has
+        # two, and each use contributes to its gradient.
+        owners: dict[int, list[tuple[nn.Module, str]]] = {}
+        self._module_names: dict[nn.Module, str] = {}
+        for mname, module in model.named_modules(remove_duplicate=False):
+            self._module_names.setdefault(module, mname)
             for pname, p in module.named_parameters(recurse=False):
-                owner[id(p)] = (module, pname)
-        self._owners = [owner[id(p)] for _, p in self.params]
-        self.batched = all(isinstance(m, nn.Linear) and pn in ("weight", "bias") for m, pn in self._owners)
-        if not self.batched:
-            odd = [n for (n, _), (m, pn) in zip(self.params, self._owners)
-                   if not (isinstance(m, nn.Linear) and pn in ("weight", "bias"))]
+                if (module, pname) not in owners.setdefault(id(p), []):
+                    owners[id(p)].append((module, pname))
+        self._owners = [owners[id(p)] for _, p in self.params]
+        self._index_of = {id(p): i for i, (_, p) in enumerate(self.params)}
+        odd = [n for (n, _), uses in zip(self.params, self._owners)
+               if not all(_hookable(m, pn) for m, pn in uses)]
+        self.batched = not odd
+        if odd:
             logger.warning(
-                "Trainable parameters outside nn.Linear layers (%s...): per-example gradients "
-                "use the exact but slower one-example-at-a-time loop.", ", ".join(odd[:3]))
+                "Trainable parameters the batched hooks cannot handle exactly (held by a module other "
+                "than a plain nn.Linear / nn.Embedding: %s%s): per-example gradients use the exact but "
+                "slower one-example-at-a-time loop.", ", ".join(odd[:3]), ", ..." if len(odd) > 3 else "")
         self._with_positions = _accepts(model, "position_ids")
         self._with_keep = _accepts(model, "logits_to_keep")
         self.autocast = autocast
@@ -210,51 +245,119 @@ class PerExampleGradients:
             yield from self._looped(batch)
 
     def _hooked(self, batch):
-        modules = list(dict.fromkeys(m for m, _ in self._owners))
-        records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in modules}
+        modules = list(dict.fromkeys(m for uses in self._owners for m, _ in uses))
+        records: dict[nn.Module, list[_Call]] = {m: [] for m in modules}
 
         def hook(module, inputs, output):
-            records[module].append((inputs[0].detach(), output))
+            x = inputs[0]
+            leaf = x if x.requires_grad and x.grad_fn is None else None
+            records[module].append(_Call(x.detach(), output, output.grad_fn, output._version, x.grad_fn, leaf))
 
         handles = [m.register_forward_hook(hook) for m in modules]
         device = batch["input_ids"].device
+        B, T = batch["input_ids"].shape
+        lengths = {T}  # a layer sees (B, T, in), or (B, K, in) after the LM-head slice to scored positions
+        if self._with_keep:
+            lengths.add(len(scored_positions(batch["labels"])))
         try:
             with torch.enable_grad(), autocast_context(device, self.autocast):
                 losses = _forward_loss(self.model, batch, self._with_positions, self._with_keep)
                 _check_losses(losses)
-                records_out = [out for m in modules for _, out in records[m]]
-                deltas = torch.autograd.grad(losses.sum(), records_out, allow_unused=True)
+                total = losses.sum()
+                used, problems = self._audit(total, records, B, lengths)
+                if not problems:
+                    deltas = torch.autograd.grad(total, [c.out for _, c in used], allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-        B = batch["input_ids"].shape[0]
-        delta_of: dict[nn.Module, list[torch.Tensor | None]] = {}
-        pos = 0
-        for m in modules:
-            delta_of[m] = list(deltas[pos : pos + len(records[m])])
-            pos += len(records[m])
+        if problems:  # checked before any backward: nothing is computed twice but the forward
+            del losses, total, used
+            records.clear()
+            self._fall_back(problems)
+            yield from self._looped(batch)
+            return
         # Keep inputs and output gradients only: the outputs (and their graph) can go now.
-        inputs = {m: [x for x, _ in records[m]] for m in modules}
-        del deltas, records_out
+        calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in modules}
+        for (m, c), delta in zip(used, deltas):
+            if delta is not None:
+                calls[m].append((c.x, delta))
+        del losses, total, used, deltas
         records.clear()
-        last_use = {m: i for i, (m, _) in enumerate(self._owners)}
-        for i, (module, pname) in enumerate(self._owners):
+        last_use = {m: i for i, uses in enumerate(self._owners) for m, _ in uses}
+        for i, uses in enumerate(self._owners):
             grad = None
-            for x, delta in zip(inputs[module], delta_of[module]):
-                if delta is None:
-                    continue
-                d = delta.reshape(B, -1, delta.shape[-1]).float()  # (B, T, out)
-                if pname == "weight":
-                    # (B, out, in): one bmm per module call; padded tokens have delta = 0.
-                    g = torch.bmm(d.transpose(1, 2), x.reshape(B, -1, x.shape[-1]).float())
-                else:
-                    g = d.sum(1)
-                grad = g if grad is None else grad.add_(g)
+            for module, pname in uses:  # every use of the parameter (a tied weight has two)
+                for x, delta in calls[module]:
+                    g = _call_gradient(module, pname, x, delta, B)
+                    grad = g if grad is None else grad.add_(g)
             if grad is None:  # the parameter does not touch the loss
                 grad = torch.zeros((B, *self.params[i][1].shape), device=device)
-            if last_use[module] == i:  # free this module's activations before the next parameter
-                del inputs[module], delta_of[module]
+            for module, _ in uses:  # free a module's activations once its last parameter is formed
+                if last_use[module] == i:
+                    calls.pop(module, None)
             yield i, grad.reshape(B, -1)
+
+    def _audit(self, total: torch.Tensor, records: Mapping[nn.Module, list[_Call]], B: int,
+               lengths: set[int]) -> tuple[list[tuple[nn.Module, _Call]], list[str]]:
+        """The recorded calls the loss depends on, and why the hooks would not be exact (none: exact).
+
+        Walks the autograd graph from the loss. A recorded call's own nodes (the layer's matmul or
+        lookup) are skipped, going straight to its input's history; any trainable parameter still
+        reached was used outside the recorded calls, so the hooks would miss that share of its
+        gradient. Each used call's input must keep example b's rows at index b.
+        """
+        at = {c.node: (m, c) for m, cs in records.items() for c in cs if c.node is not None}
+        used: list[tuple[nn.Module, _Call]] = []
+        outside: set[int] = set()
+        seen, stack = set(), [total.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            hit = at.get(node)
+            if hit is not None:
+                used.append(hit)
+                leaf = hit[1].leaf
+                if leaf is not None and id(leaf) in self._index_of:
+                    outside.add(self._index_of[id(leaf)])
+                stack.append(hit[1].src)
+                continue
+            var = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf's gradient sink
+            if var is not None and id(var) in self._index_of:
+                outside.add(self._index_of[id(var)])
+            stack.extend(n for n, _ in node.next_functions)
+        del seen
+
+        def names(items: list[str]) -> str:
+            return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+        problems = []
+        if outside:
+            problems.append(
+                "trainable parameters used outside the nn.Linear / nn.Embedding calls the hooks record "
+                "(a weight read directly, e.g. by a parametrized adapter or a functional use of a tied "
+                f"weight): {names([self.params[i][0] for i in sorted(outside)])}")
+        mixed = [self._module_names[m] for m in dict.fromkeys(
+            m for m, c in used if not _rows_are_examples(m, c.x, B, lengths))]
+        if mixed:
+            problems.append(
+                "layers whose input is not shaped (batch, tokens, features), so example b's tokens are "
+                "not row b (tokens of several examples routed together, as in mixture-of-experts "
+                f"layers): {names(mixed)}")
+        changed = [self._module_names[m] for m in dict.fromkeys(
+            m for m, c in used if c.out._version != c.version or c.out.grad_fn is not c.node)]
+        if changed:
+            problems.append(f"layer outputs modified in place after the call: {names(changed)}")
+        return used, problems
+
+    def _fall_back(self, problems: list[str]) -> None:
+        """Switch to the exact loop for this and every later batch (the model's structure is fixed)."""
+        self.batched = False
+        logger.warning(
+            "Per-example gradients: the batched hooks would not be exact for this model (%s). This "
+            "batch and all later ones use the exact but slower one-example-at-a-time loop.",
+            "; ".join(problems))
 
     def _looped(self, batch):
         B = batch["input_ids"].shape[0]
@@ -271,6 +374,42 @@ class PerExampleGradients:
                 per_param[i].append(torch.zeros_like(tensors[i]) if g is None else g.float())
         for i, gs in enumerate(per_param):
             yield i, torch.stack(gs).reshape(B, -1)
+
+
+def _rows_are_examples(module: nn.Module, x: torch.Tensor, B: int, lengths: set[int]) -> bool:
+    """Whether row b of a hooked call's input belongs to example b alone.
+
+    Token ids of an embedding must be ``(B, T)``; a linear layer's input ``(B, L, in)`` with ``L``
+    the padded length T (or the K scored positions the LM head is sliced to). Flattened or routed
+    tokens (``(N, in)``, as a mixture-of-experts expert sees them) fail.
+    """
+    if isinstance(module, nn.Embedding):
+        return x.dim() == 2 and x.shape[0] == B and x.shape[1] in lengths
+    return x.dim() == 3 and x.shape[0] == B and x.shape[1] in lengths
+
+
+def _call_gradient(module: nn.Module, pname: str, x: torch.Tensor, delta: torch.Tensor, B: int) -> torch.Tensor:
+    """Per-example gradient of ``module.<pname>`` from one call: ``(B, *param.shape)`` float32.
+
+    Args:
+        x: the call's input: ``(B, L, in)`` for ``nn.Linear``, token ids ``(B, L)`` for ``nn.Embedding``.
+        delta: ``(B, L, out)`` the gradient of the summed per-example losses w.r.t. the call's output;
+            example b's loss depends on example b's rows only, so row b is example b's own gradient.
+    """
+    d = delta.reshape(B, -1, delta.shape[-1]).float()
+    if isinstance(module, nn.Embedding):
+        # Row v of example b's gradient sums the output gradients at the positions holding token v.
+        ids = x.reshape(B, -1)
+        if module.padding_idx is not None:  # autograd gives the padding row no gradient
+            d = d.masked_fill((ids == module.padding_idx)[..., None], 0.0)
+        V = module.num_embeddings
+        rows = (ids + V * torch.arange(B, device=ids.device)[:, None]).reshape(-1)
+        out = torch.zeros((B * V, d.shape[-1]), device=d.device)
+        return out.index_add_(0, rows, d.reshape(-1, d.shape[-1])).view(B, V, -1)
+    if pname == "weight":
+        # (B, out, in): one bmm per module call; padded tokens have delta = 0.
+        return torch.bmm(d.transpose(1, 2), x.reshape(B, -1, x.shape[-1]).float())
+    return d.sum(1)
 
 
 def _check_losses(losses: torch.Tensor, offset: int = 0) -> None:
