@@ -35,7 +35,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from featurize_speed import make_examples, rss_mb  # noqa: E402 - the same examples and RSS reading
 
 TARGETS = {"ratio": 1.5, "growth": 1.3, "big_pool": 1.0}
 PRESETS = {
@@ -94,13 +96,7 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory so far: CUDA allocations, or the process's peak RSS on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rss_mb()
 
 
 def build_model(args, layers: int, device: torch.device):
@@ -127,16 +123,6 @@ def build_model(args, layers: int, device: torch.device):
             if "lora_B" in n:
                 p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.device, p.dtype))
     return model
-
-
-def make_examples(n: int, tokens: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    """``n`` pre-tokenized examples: ``tokens // 2`` prompt tokens (label -100), the rest scored."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(10, vocab, (tokens,), generator=g).tolist()
-        out.append((ids, [-100] * (tokens // 2) + ids[tokens // 2 :]))
-    return out
 
 
 def train_seconds(model, examples, batch_size: int, optimizer) -> float:
