@@ -6,11 +6,15 @@ Pool examples get the Adam direction ``Gamma = m' / sqrt(v' + eps)`` built from 
 checkpoint's moments; target examples keep the plain gradient ``g``.
 
 Per-example gradients come from one batched forward/backward: forward hooks on the trainable
-``nn.Linear`` layers keep each layer's input ``x`` and output ``y``; ``autograd.grad`` of the
-summed per-example losses w.r.t. the outputs gives ``delta = dL/dy``, and since example b's
-loss depends on example b's tokens only, ``grad W_b = sum_t delta_{b,t} x_{b,t}^T``. Parameters
-that are not ``nn.Linear`` weights/biases fall back to an exact one-example-at-a-time loop.
-Nothing is written to ``param.grad``.
+``nn.Linear`` / ``nn.Embedding`` layers keep each call's input ``x`` and output ``y``;
+``autograd.grad`` of the summed per-example losses w.r.t. the outputs gives ``delta = dL/dy``, and
+since example b's loss depends on example b's tokens only, ``grad W_b = sum_t delta_{b,t} x_{b,t}^T``
+(an embedding adds ``delta_{b,t}`` at row ``x_{b,t}``). A tied weight sums every module's use.
+Before the backward, a walk of the autograd graph checks that every use of a trainable parameter is
+one of those recorded calls and that each call's input keeps example b at row b; otherwise (a
+weight read directly, tokens of several examples routed together as in mixture-of-experts layers)
+and for parameters held by other modules, gradients come from an exact one-example-at-a-time loop,
+with a warning. Nothing is written to ``param.grad``.
 """
 
 from __future__ import annotations
@@ -191,11 +195,15 @@ class _Call:
 class PerExampleGradients:
     """Per-example gradients of the trainable parameters of ``model``.
 
-    The batched path (LoRA ``nn.Linear`` layers) costs one forward and one backward of the
-    batch; per-example weight gradients are then ``grad W_b = sum_t delta_{b,t} x_{b,t}^T``
+    The batched path (LoRA ``nn.Linear`` layers, trainable ``nn.Linear`` / ``nn.Embedding`` weights,
+    tied ones included) costs one forward and one backward of the batch; per-example weight
+    gradients are then ``grad W_b = sum_t delta_{b,t} x_{b,t}^T`` summed over every call of every
+    module holding ``W``
     (for LoRA: ``grad B = s sum_t delta_t (A x_t)^T`` and ``grad A = s sum_t (B^T delta_t) x_t^T``,
     the scale ``s`` and the ``B^T`` already inside the recorded output gradients), formed one
     parameter at a time so memory is ``B x numel`` of the largest parameter, at any LoRA size.
+    ``batched`` turns False (for good, with one warning) when the graph audit finds the hooks
+    would not be exact; that batch is then recomputed by the loop.
 
     Args:
         model: a model (usually a ``peft.PeftModel``) whose trainable parameters are featurized.
