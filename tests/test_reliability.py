@@ -226,7 +226,7 @@ def test_same_seed_same_warmup_subset(tokenizer, tmp_path, monkeypatch):
             seen.append(train_dataset["prompt"])
             raise Stop
 
-    monkeypatch.setattr(trainer_module, "SFTTrainer", Recorder)
+    monkeypatch.setattr(trainer_module, "_WarmupSFTTrainer", Recorder)
     pool = Dataset.from_list([{**r, "prompt": f"{i}: {r['prompt']}"} for i, r in enumerate(toy_tasks(10, seed=7))])
 
     def warmup_rows(seed, batch):
@@ -257,10 +257,20 @@ def test_same_seed_same_projection_features_and_selection(tokenizer, work, sel):
     other = pool.map(again, batched=True, batch_size=7)
     assert one["less_sims"] == twice["less_sims"]  # repeated: bit for bit
     np.testing.assert_allclose(np.array(one["less_sims"]), np.array(other["less_sims"]), rtol=1e-4, atol=1e-5)
+    masses = {"uot": selectors.uot_mass, "knn_uniform": selectors.knn_uniform_mass, "knn_kde": selectors.knn_kde_mass}
     for strategy in selectors.STRATEGIES:
         orders = [s.order(d, strategy, seed=3).tolist() for s, d in ((sel, one), (sel, twice), (again, other))]
-        assert orders[0] == orders[1] == orders[2], strategy
+        assert orders[0] == orders[1], strategy  # repeated: the same order
         assert sorted(orders[0]) == list(range(len(pool)))
+        if orders[0] != orders[2] and strategy in masses:
+            # Another batch size moves features by float rounding (~1e-7): candidates whose masses tie
+            # to that precision may swap, nothing else. In the first run's masses the second order is
+            # still descending, to within that precision.
+            mass = masses[strategy](np.array(one["less_sims"], dtype=np.float32))
+            steps = np.diff(mass[orders[2]])
+            assert (steps <= 1e-6 * mass.max()).all(), (strategy, orders[0], orders[2])
+        else:
+            assert orders[0] == orders[2], strategy
 
 
 # -- 3. bad input --------------------------------------------------------------------------------------
