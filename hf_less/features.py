@@ -273,8 +273,8 @@ class PerExampleGradients:
                 _check_losses(losses)
                 total = losses.sum()
                 used, problems = self._audit(total, records, B, lengths)
-                if not problems:
-                    deltas = torch.autograd.grad(total, [c.out for _, c in used], allow_unused=True)
+                if not problems:  # no recorded call in the graph: no parameter touches the loss
+                    deltas = torch.autograd.grad(total, [c.out for _, c in used], allow_unused=True) if used else ()
         finally:
             for h in handles:
                 h.remove()
