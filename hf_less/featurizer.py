@@ -4,9 +4,10 @@ The one place where examples meet the model. ``LessSelector`` (after the warmup,
 checkpoint) and ``LessCallback`` (during the warmup, at each save) both use it, so features
 captured during training and features computed afterwards are the same numbers.
 
-Work is cut into *units*: consecutive length-sorted micro-batches whose exact gradients fit in
-``projection_buffer_bytes`` and are projected together (generating the random matrix costs
-P x d whatever the number of rows, so projecting several batches at once is cheaper). Units
+Work is cut into *units*. With a dense projection a unit is consecutive length-sorted
+micro-batches whose exact gradients fit in ``projection_buffer_bytes`` and are projected together
+(generating the random matrix costs P x d whatever the number of rows, so projecting several
+batches at once is cheaper); with the sparse projection (no matrix) or exact features, one batch. Units
 depend only on the examples, ``batch_size`` and the buffer, never on the number of processes:
 under ``torchrun``/``accelerate launch`` unit ``u`` runs on rank ``u % world_size`` and every
 feature is bit-identical to a single-process run.
@@ -170,6 +171,7 @@ class Featurizer:
         self.grads = PerExampleGradients(model, adapter_name_of(model), autocast=self.autocast)
         self.projector = None if proj_dim is None else make_projector(self.grads.dim, proj_dim, proj_kind, proj_seed)
         self.dim = self.grads.dim if proj_dim is None else int(proj_dim)
+        self._device_moments: tuple[AdamMoments, AdamMoments] | None = None  # (caller's, on the device)
 
     @property
     def identity(self) -> dict:
@@ -259,7 +261,7 @@ class Featurizer:
         """The moments as float32 on the compute device, moved once per checkpoint rather than per batch."""
         if moments is None or self.device.type == "cpu":
             return moments
-        held = getattr(self, "_device_moments", None)
+        held = self._device_moments
         if held is None or held[0] is not moments:
             move = lambda d: {k: t.to(self.device, torch.float32) for k, t in d.items()}  # noqa: E731
             held = (moments, AdamMoments(move(moments.exp_avg), move(moments.exp_avg_sq), moments.betas, moments.eps))
