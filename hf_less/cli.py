@@ -401,12 +401,16 @@ def sft_train(model, tokenizer, dataset, output_dir: str | os.PathLike, model_ar
     """trl SFTTrainer with a LoRA adapter; returns the trainer (the model holds the trained adapter)."""
     from peft import LoraConfig
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    # The warmup schedule of LessSFTTrainer (3% linear warmup whose first step has a positive LR, then linear
+    # decay), the same on every supported transformers: warmup_steps=0.03 is refused before transformers 5.
+    from .trainer import _WarmupSFTTrainer
 
     steps_per_epoch = math.ceil(len(dataset) / model_args.batch_size)
     config = SFTConfig(
         output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=model_args.batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=0.03, max_length=model_args.max_length,
+        learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=0, max_length=model_args.max_length,
         save_strategy="epoch" if save_each_epoch else "no", save_only_model=True, report_to=[],
         logging_steps=max(1, steps_per_epoch // 2), seed=run.seed, data_seed=run.seed,
         use_cpu=_device(run) == "cpu", dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch",
@@ -414,8 +418,8 @@ def sft_train(model, tokenizer, dataset, output_dir: str | os.PathLike, model_ar
     )
     lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
                       target_modules=list(model_args.lora_target_modules), task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model, args=config, train_dataset=text_only(dataset), processing_class=tokenizer,
-                         peft_config=lora, callbacks=list(callbacks))
+    trainer = _WarmupSFTTrainer(model, args=config, train_dataset=text_only(dataset), processing_class=tokenizer,
+                                peft_config=lora, callbacks=list(callbacks))
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # the examples/s bar shows the loss instead
     trainer.add_callback(examples_progress(desc, disable=run.quiet))
