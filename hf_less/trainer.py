@@ -374,7 +374,8 @@ def _fresh_warmup_dir(out: Path, run: dict) -> None:
     (a rerun with fewer epochs saves fewer), they would be scored with the new ones. A directory
     from a run with another identity is restarted with a warning that says what differs.
     """
-    stale = sorted((p for p in out.glob("checkpoint-*") if p.is_dir()), key=lambda p: p.name) if out.is_dir() else []
+    stale = [p for p in out.glob("checkpoint-*") if p.is_dir()] if out.is_dir() else []
+    stale.sort(key=lambda p: (len(p.name), p.name))  # checkpoint-2 before checkpoint-10
     previous = None
     if (out / RUN_FILE).exists():
         try:
