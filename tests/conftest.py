@@ -102,3 +102,34 @@ def toy_tasks(n_per_task: int = 8, seed: int = 0):
         word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6)))
         rows.append({"prompt": f"reverse {word} :", "completion": f" {word[::-1]}", "task": "reverse"})
     return rows
+
+
+def write_fake_warmup(root, tokenizer, steps=(3, 6)):
+    """LESS checkpoints ``root/checkpoint-S`` with distinct adapters and random Adam moments; returns ``root``."""
+    from hf_less.checkpoints import save_less_state
+    from hf_less.features import AdamMoments, parameter_key
+
+    for i, step in enumerate(steps):
+        lora = make_lora_model(tokenizer, seed=i)
+        ckpt = root / f"checkpoint-{step}"
+        lora.save_pretrained(ckpt)
+        g = torch.Generator().manual_seed(10 + i)
+        named = [(parameter_key(n), p) for n, p in lora.named_parameters() if p.requires_grad]
+        m = {k: torch.randn(p.shape, generator=g) * 1e-3 for k, p in named}
+        v = {k: torch.rand(p.shape, generator=g) * 1e-6 for k, p in named}
+        save_less_state(ckpt, AdamMoments(m, v, (0.9, 0.999), 1e-8), [k for k, _ in named],
+                        mean_lr=1e-3 / (i + 1), global_step=step, lr_steps=3, optimizer="AdamW")
+    return root
+
+
+def run_warmup(out, tokenizer, callback):
+    """A 2-epoch LoRA warmup (dropout 0.1) of a tiny model, with ``callback``; same seed every time."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=2e-3,
+                     lr_scheduler_type="linear", warmup_steps=1, save_strategy="epoch", report_to=[],
+                     use_cpu=True, max_length=64, disable_tqdm=True, seed=0)
+    SFTTrainer(make_model(len(tokenizer)), args=args, train_dataset=Dataset.from_list(toy_tasks(6, seed=1)),
+               processing_class=tokenizer, peft_config=lora_config(dropout=0.1), callbacks=[callback]).train()
+    return out

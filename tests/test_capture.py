@@ -10,22 +10,10 @@ from hf_less import LessCallback, LessSelector
 from hf_less.checkpoints import find_checkpoints
 from hf_less.store import FeatureStore, IncompatibleFeaturesError
 
-from .conftest import lora_config, make_model, toy_tasks
+from .conftest import make_model, run_warmup, toy_tasks
 
 POOL = toy_tasks(6, seed=2)
 TARGETS = [r for r in toy_tasks(4, seed=3) if r["task"] == "math"]
-
-
-def run_warmup(out, tokenizer, callback, trainer="sft"):
-    """A 2-epoch LoRA warmup (dropout 0.1) of a tiny model, with ``callback``; same seed every time."""
-    from trl import SFTConfig, SFTTrainer
-
-    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=2e-3,
-                     lr_scheduler_type="linear", warmup_steps=1, save_strategy="epoch", report_to=[],
-                     use_cpu=True, max_length=64, disable_tqdm=True, seed=0)
-    SFTTrainer(make_model(len(tokenizer)), args=args, train_dataset=Dataset.from_list(toy_tasks(6, seed=1)),
-               processing_class=tokenizer, peft_config=lora_config(dropout=0.1), callbacks=[callback]).train()
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,11 @@ import torch
 from datasets import Dataset
 
 from hf_less import LessSelector, LessSFTConfig, LessSFTTrainer, selectors
-from hf_less.checkpoints import save_less_state
 from hf_less.data import DatasetFormatError, EmptyCompletionError, encode_batch, pad_token_id
-from hf_less.features import AdamMoments, parameter_key
 from hf_less.featurizer import Featurizer, NonFiniteFeatureError
 from hf_less.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
 
-from .conftest import make_lora_model, make_model, toy_tasks
+from .conftest import make_lora_model, make_model, toy_tasks, write_fake_warmup
 
 SCRIPTS = Path(__file__).parent / "scripts"
 POOL = toy_tasks(6, seed=2)  # 12 rows, half "math"
@@ -42,16 +40,7 @@ def work(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("reliability")
     make_model(len(tokenizer)).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    for i, step in enumerate(STEPS):
-        lora = make_lora_model(tokenizer, seed=i)
-        ckpt = root / "warmup" / f"checkpoint-{step}"
-        lora.save_pretrained(ckpt)
-        g = torch.Generator().manual_seed(10 + i)
-        named = [(parameter_key(n), p) for n, p in lora.named_parameters() if p.requires_grad]
-        m = {k: torch.randn(p.shape, generator=g) * 1e-3 for k, p in named}
-        v = {k: torch.rand(p.shape, generator=g) * 1e-6 for k, p in named}
-        save_less_state(ckpt, AdamMoments(m, v, (0.9, 0.999), 1e-8), [k for k, _ in named],
-                        mean_lr=1e-3 / (i + 1), global_step=step, lr_steps=3, optimizer="AdamW")
+    write_fake_warmup(root / "warmup", tokenizer, STEPS)
     (root / "pool.json").write_text(json.dumps(POOL))
     (root / "targets.json").write_text(json.dumps(TARGETS))
     return root

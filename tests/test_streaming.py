@@ -4,17 +4,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset, IterableDataset
 
 from hf_less import LessCallback, LessSelector
-from hf_less.checkpoints import find_checkpoints, save_less_state
+from hf_less.checkpoints import find_checkpoints
 from hf_less.data import EmptyCompletionError
-from hf_less.features import AdamMoments, parameter_key
 from hf_less.featurizer import Featurizer, content_key
 from hf_less.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
 
-from .conftest import lora_config, make_lora_model, make_model, toy_tasks
+from .conftest import make_model, run_warmup, toy_tasks, write_fake_warmup
 
 POOL = toy_tasks(6, seed=2)  # 12 rows
 TARGETS = [r for r in toy_tasks(3, seed=3) if r["task"] == "math"]
@@ -26,18 +24,7 @@ SETTINGS = dict(proj_dim=64, batch_size=2, max_length=64, show_progress=False)
 @pytest.fixture(scope="module")
 def warmup(tmp_path_factory, tokenizer):
     """Two LESS checkpoints with distinct adapters and random Adam moments."""
-    root = tmp_path_factory.mktemp("streaming") / "warmup"
-    for i, step in enumerate(STEPS):
-        lora = make_lora_model(tokenizer, seed=i)
-        ckpt = root / f"checkpoint-{step}"
-        lora.save_pretrained(ckpt)
-        g = torch.Generator().manual_seed(10 + i)
-        named = [(parameter_key(n), p) for n, p in lora.named_parameters() if p.requires_grad]
-        m = {k: torch.randn(p.shape, generator=g) * 1e-3 for k, p in named}
-        v = {k: torch.rand(p.shape, generator=g) * 1e-6 for k, p in named}
-        save_less_state(ckpt, AdamMoments(m, v, (0.9, 0.999), 1e-8), [k for k, _ in named],
-                        mean_lr=1e-3 / (i + 1), global_step=step, lr_steps=3, optimizer="AdamW")
-    return root
+    return write_fake_warmup(tmp_path_factory.mktemp("streaming") / "warmup", tokenizer, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -212,18 +199,6 @@ def test_featurize_holds_one_shard_of_the_stream_at_a_time(sel, tmp_path):
 
 
 # -- capture during the warmup -----------------------------------------------------------------------------
-
-
-def run_warmup(out, tokenizer, callback):
-    """A 2-epoch LoRA warmup (dropout 0.1) of a tiny model, as in test_capture; same seed every time."""
-    from trl import SFTConfig, SFTTrainer
-
-    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=2e-3,
-                     lr_scheduler_type="linear", warmup_steps=1, save_strategy="epoch", report_to=[],
-                     use_cpu=True, max_length=64, disable_tqdm=True, seed=0)
-    SFTTrainer(make_model(len(tokenizer)), args=args, train_dataset=Dataset.from_list(toy_tasks(6, seed=1)),
-               processing_class=tokenizer, peft_config=lora_config(dropout=0.1), callbacks=[callback]).train()
-    return out
 
 
 CAPTURE = dict(proj_dim=64, batch_size=3, shard_rows=SHARD_ROWS, show_progress=False)
