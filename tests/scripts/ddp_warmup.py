@@ -14,6 +14,7 @@ from hf_less.data import collate, encode_batch  # noqa: E402
 from hf_less.features import parameter_key  # noqa: E402
 from tests.conftest import make_lora_model, make_tokenizer, toy_tasks  # noqa: E402
 from teardown import finish  # noqa: E402
+from writes import spy_on_writes  # noqa: E402
 
 
 class RankSnapshot(TrainerCallback):
@@ -30,16 +31,7 @@ class RankSnapshot(TrainerCallback):
 
 
 def main(out):
-    import hf_less.callback as cb
-
-    rank, save = int(os.environ.get("RANK", 0)), cb.save_less_state
-
-    def spy(*a, **k):  # records which rank writes LESS state
-        with open(os.path.join(out, f"writer-rank{rank}"), "a") as f:
-            f.write("x")
-        return save(*a, **k)
-
-    cb.save_less_state = spy
+    spy_on_writes(out)
     tok = make_tokenizer()
     rows = toy_tasks(6)
     enc = encode_batch({"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}, tok)

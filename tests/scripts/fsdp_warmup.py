@@ -26,21 +26,7 @@ from hf_less import LessCallback  # noqa: E402
 from hf_less.data import collate, encode_batch  # noqa: E402
 from tests.conftest import make_lora_model, make_tokenizer, toy_tasks  # noqa: E402
 from teardown import finish  # noqa: E402
-
-
-def spy_on_writes(out):
-    """Record in ``out/writer-rankR`` every LESS state write of this rank."""
-    import hf_less.callback as cb
-
-    rank, save = int(os.environ.get("RANK", 0)), cb.save_less_state
-
-    def spy(*a, **k):  # records which rank writes LESS state
-        with open(os.path.join(out, f"writer-rank{rank}"), "a") as f:
-            f.write("x")
-        return save(*a, **k)
-
-    cb.save_less_state = spy
-    os.makedirs(out, exist_ok=True)
+from writes import spy_on_writes  # noqa: E402
 
 
 def main(mode, out):
