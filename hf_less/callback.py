@@ -83,7 +83,8 @@ class LessCallback(TrainerCallback):
             saved there too so the directory is a complete warmup.
         pool: candidate examples to capture (any format ``LessSelector`` accepts), or ``None``.
         targets: target examples to capture, or ``None``.
-        proj_dim, proj_kind, proj_seed, max_length, batch_size, projection_buffer_bytes, autocast: as
+        proj_dim, proj_kind, proj_seed, max_length, batch_size, projection_buffer_bytes, autocast,
+            pool_direction: as
             for ``LessSelector`` (the projection and ``max_length`` must match the selector that reuses
             the features). Capture runs at the model's own precision unless ``autocast``, whatever
             mixed precision the training uses.
@@ -105,13 +106,14 @@ class LessCallback(TrainerCallback):
                  proj_dim: int | None = 8192, *, proj_kind: str = DEFAULT_KIND, proj_seed: int = 0,
                  max_length: int | None = 2048, batch_size: int | str = 8, projection_buffer_bytes: int = 2**30,
                  tokenizer=None, shard_rows: int = 1024, dtype: str = "float16", show_progress: bool = True,
-                 on_empty_completion: str = "error", autocast: bool = False):
+                 on_empty_completion: str = "error", autocast: bool = False, pool_direction: str = "adam"):
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.pool, self.targets = pool, targets
         self.capture_settings = dict(proj_dim=proj_dim, proj_kind=proj_kind, proj_seed=proj_seed,
                                      max_length=max_length, batch_size=batch_size,
                                      projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
-                                     on_empty_completion=on_empty_completion, autocast=autocast)
+                                     on_empty_completion=on_empty_completion, autocast=autocast,
+                                     pool_direction=pool_direction)
         self.tokenizer = tokenizer
         self.shard_rows = int(shard_rows)
         self.dtype = dtype
@@ -290,7 +292,8 @@ class LessCallback(TrainerCallback):
             for which in [w for w, data in (("pool", self.pool), ("targets", self.targets)) if data is not None]:
                 # None for a streaming pool: the store counts its rows when it is finished.
                 rows = self._pool_rows if which == "pool" else len(self._encoded["targets"])
-                meta = {**self._identity, "representation": "less-adam" if which == "pool" else "less-grad",
+                meta = {**self._identity, "representation": (self._featurizer.pool_representation if which == "pool"
+                                                              else "less-grad"),
                         "checkpoints": [{"step": step, "digest": digest}], "dtype": self.dtype,
                         "keyed": True, "rows": rows}
                 store = None

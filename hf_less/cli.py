@@ -121,6 +121,8 @@ class FeaturizeArguments:
     proj_kind: str = field(default=DEFAULT_KIND, metadata={
         "help": "Projection: sparse (default; sparse JL, cost independent of d), rademacher (the reference's "
                 "dense +-1 matrix) or gaussian."})
+    pool_direction: str = field(default="adam", metadata={
+        "help": "Pool examples' features: adam (LESS's Adam direction) or sgd (the plain gradient)."})
     checkpoints: list[int] | None = field(default=None, metadata={"help": "Warmup steps to use (default: all)."})
 
 
@@ -459,7 +461,8 @@ def make_selector(base_model, tokenizer, rd: RunData, layout: RunLayout, model_a
     from .selector import LessSelector
 
     return LessSelector(base_model, layout.warmup, text_only(rd.targets), tokenizer=tokenizer,
-                        proj_dim=feat.proj_dim or None, proj_kind=feat.proj_kind, max_length=model_args.max_length,
+                        proj_dim=feat.proj_dim or None, proj_kind=feat.proj_kind, pool_direction=feat.pool_direction,
+                        max_length=model_args.max_length,
                         batch_size=model_args.batch_size, checkpoints=feat.checkpoints, show_progress=not run.quiet)
 
 
@@ -484,6 +487,7 @@ def do_featurize(selector, rd: RunData, layout: RunLayout):
     (layout.features / "featurize.json").write_text(json.dumps({
         "proj_dim": identity.get("dim") if identity.get("projection") else 0,
         "proj_kind": (identity.get("projection") or {}).get("kind", DEFAULT_KIND),
+        "pool_direction": identity.get("pool_direction", "adam"),
         "checkpoints": [c.step for c in selector.checkpoints]}, indent=2))
     targets = getattr(selector, "target_features", None)
     if targets is not None:
@@ -874,7 +878,7 @@ def cmd_select(run, data, model_args, feat, sel):
     if saved.exists():  # score with the projection and checkpoints the store was written with
         stored = json.loads(saved.read_text())
         feat = FeaturizeArguments(proj_dim=stored["proj_dim"], proj_kind=stored.get("proj_kind", "rademacher"),
-                                  checkpoints=stored["checkpoints"])
+                                  pool_direction=stored.get("pool_direction", "adam"), checkpoints=stored["checkpoints"])
     selector = make_selector(model, tokenizer, rd, layout, model_args, feat, run)
     scores, sims = selector.score_store(layout.store)
     do_select(selector, np.asarray(scores), np.asarray(sims), rd, layout, sel, run)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from . import selectors
+from .featurizer import POOL_DIRECTIONS
 from .projection import DEFAULT_KIND
 
 
@@ -60,6 +61,9 @@ class LessSFTConfig(SFTConfig):
     less_auto_batch_size: bool = field(default=False, metadata={
         "help": "On CUDA, featurize with the largest batch that fits (found once, halving from 128 on out-of-memory "
                 "errors), like auto_find_batch_size; ignored on a CPU (less_batch_size)."})
+    less_pool_direction: str = field(default="adam", metadata={
+        "help": "Pool examples' features: 'adam' (LESS's Adam direction, the reference's) or 'sgd' (the plain "
+                "gradient, as for targets)."})
     less_autocast: bool = field(default=False, metadata={
         "help": "Featurize under bfloat16 autocast (faster on a GPU). Off by default: features are computed at the "
                 "precision of the model's weights, even when training uses bf16."})
@@ -84,6 +88,8 @@ class LessSFTConfig(SFTConfig):
             raise ValueError(f"less_warmup_fraction={self.less_warmup_fraction} must be in (0, 1].")
         if self.less_warmup_epochs < 1:
             raise ValueError(f"less_warmup_epochs={self.less_warmup_epochs} must be >= 1.")
+        if self.less_pool_direction not in POOL_DIRECTIONS:
+            raise ValueError(f"less_pool_direction={self.less_pool_direction!r} must be one of {POOL_DIRECTIONS}.")
         if self.less_on_empty_completion not in ("error", "skip"):
             raise ValueError(f"less_on_empty_completion={self.less_on_empty_completion!r} must be 'error' or 'skip'.")
         if self.less_proj_dim < 0:

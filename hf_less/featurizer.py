@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 # the first size tried on a GPU before halving on out-of-memory errors.
 CPU_BATCH_SIZE = 8
 AUTO_BATCH_START = 128
+# What a pool example's feature is: LESS's Adam direction Gamma (the reference's), or its plain gradient g.
+POOL_DIRECTIONS = ("adam", "sgd")
 
 Encoded = tuple[list[int], list[int]]  # (input_ids, labels with -100 on unscored tokens)
 
@@ -151,12 +153,18 @@ class Featurizer:
             example that has no completion token (see :func:`hf_less.data.encode_batch`).
         autocast: run the forward/backward under bfloat16 autocast (default off: the precision of
             the model's weights, so float32 weights give exact float32 gradients; on a GPU, on is faster).
+        pool_direction: what a call with a checkpoint's ``moments`` computes: ``"adam"`` (default,
+            the reference's) the Adam direction ``Gamma = m' / sqrt(v' + eps)``, ``"sgd"`` the plain
+            gradient ``g``, as for targets (an ablation: ``b1 m`` is the same for every pool example).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, proj_dim: int | None = 8192, *,
                  proj_kind: str = DEFAULT_KIND, proj_seed: int = 0, max_length: int | None = 2048,
                  batch_size: int | str = 8, projection_buffer_bytes: int = 2**30, show_progress: bool = True,
-                 on_empty_completion: str = "error", autocast: bool = False):
+                 on_empty_completion: str = "error", autocast: bool = False, pool_direction: str = "adam"):
+        if pool_direction not in POOL_DIRECTIONS:
+            raise ValueError(f"pool_direction must be one of {POOL_DIRECTIONS}, got {pool_direction!r}.")
+        self.pool_direction = pool_direction
         self.auto_batch_size = batch_size == "auto"
         if not self.auto_batch_size and (isinstance(batch_size, str) or int(batch_size) < 1):
             raise ValueError(f"batch_size must be an int >= 1 or 'auto', got {batch_size!r}.")
@@ -183,7 +191,14 @@ class Featurizer:
             "max_length": self.max_length,
             # Informational (not compared on reuse): bfloat16 autocast changes features by rounding only.
             "autocast": self.autocast,
+            # Only when not the default, so stores written before the option keep their identity.
+            **({"pool_direction": self.pool_direction} if self.pool_direction != "adam" else {}),
         }
+
+    @property
+    def pool_representation(self) -> str:
+        """The store label of this featurizer's pool features: ``"less-adam"`` or ``"less-sgd"``."""
+        return f"less-{self.pool_direction}"
 
     @property
     def device(self) -> torch.device:
@@ -320,6 +335,8 @@ class Featurizer:
         split = split and distributed.is_distributed()
         rank, world = (distributed.rank(), distributed.world_size()) if split else (0, 1)
         out = torch.empty((len(encoded), self.dim), dtype=torch.float32)
+        if self.pool_direction == "sgd":  # the plain gradient: the moments are not used
+            moments = None
         moments = self._on_device(moments)
         if self.auto_batch_size and encoded:
             self._resolve_batch_size(encoded, moments, split)

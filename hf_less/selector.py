@@ -30,7 +30,7 @@ from .streaming import RowReader, expected_rows, known_rows, num_rows
 logger = logging.getLogger(__name__)
 
 # What captured features must share with the selector that reuses them.
-CAPTURE_KEYS = ("model", "checkpoints", "projection", "dim", "max_length")
+CAPTURE_KEYS = ("model", "checkpoints", "projection", "dim", "max_length", "pool_direction")
 NO_CAPTURE_FIX = ("Create the selector with the capture's settings (proj_dim, proj_kind, proj_seed, "
                   "max_length, the same base model), or pass use_captured=False to compute features anew.")
 
@@ -54,6 +54,8 @@ class LessSelector:
         batch_size: examples per forward/backward pass while featurizing, or ``"auto"`` (on CUDA the
             largest that fits; see :class:`hf_less.featurizer.Featurizer`).
         autocast: featurize under bfloat16 autocast (default off: the precision of the model's weights).
+        pool_direction: ``"adam"`` (default: LESS's Adam direction for pool examples) or ``"sgd"`` (their
+            plain gradient, an ablation); see :class:`hf_less.featurizer.Featurizer`.
         subtask_column: a column of ``targets`` naming each example's subtask; ``less_score``
             is then the max over subtasks of the mean similarity within the subtask.
         checkpoints: warmup steps to use (default: all).
@@ -84,6 +86,7 @@ class LessSelector:
         max_length: int | None = 2048,
         batch_size: int | str = 8,
         autocast: bool = False,
+        pool_direction: str = "adam",
         subtask_column: str | None = None,
         checkpoints: Sequence[int] | None = None,
         device: str | torch.device | None = None,
@@ -109,7 +112,7 @@ class LessSelector:
         self.featurizer = Featurizer(
             self.model, tokenizer, proj_dim, proj_kind=proj_kind, proj_seed=proj_seed, max_length=max_length,
             batch_size=batch_size, projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
-            on_empty_completion=on_empty_completion, autocast=autocast)
+            on_empty_completion=on_empty_completion, autocast=autocast, pool_direction=pool_direction)
         self.grads = self.featurizer.grads
         self._adapter_states: dict[int, dict[str, torch.Tensor]] = {}
         self._loaded: int | None = None
@@ -370,7 +373,7 @@ class LessSelector:
         if columns is None:
             raise ValueError("The pool is empty: there is nothing to featurize. Pass the candidate examples.")
         detect_format(columns)  # an unrecognised format fails before anything is written
-        meta = {**self.identity, "representation": "less-adam", "dtype": dtype, "keyed": True,
+        meta = {**self.identity, "representation": self.featurizer.pool_representation, "dtype": dtype, "keyed": True,
                 "rows": known_rows(dataset), "fingerprint": getattr(dataset, "_fingerprint", None)}
         main = distributed.is_main_process()
         store = None

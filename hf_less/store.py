@@ -42,7 +42,7 @@ META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 STORE_VERSION = 1
 # What must agree between pool and target features for their cosines to mean anything.
-COMPATIBILITY_KEYS = ("model", "checkpoints", "projection", "dim")
+COMPATIBILITY_KEYS = ("model", "checkpoints", "projection", "dim", "pool_direction")
 # Recorded in meta.json but not required to match on resume (a dataset's fingerprint may be random
 # in a new process: resumed rows are matched by their content keys instead).
 INFORMATIONAL_META = ("fingerprint",)

@@ -213,7 +213,8 @@ class LessSFTTrainer(SFTTrainer):
         capture = LessCallback() if fsdp else LessCallback(
             pool=self.pool, targets=self._targets_without_subtasks(), proj_dim=a.less_projection_dim,
             proj_kind=a.less_proj_kind, proj_seed=a.less_proj_seed, max_length=self._max_length(),
-            batch_size=a.less_featurize_batch_size, autocast=a.less_autocast, tokenizer=tokenizer,
+            batch_size=a.less_featurize_batch_size, autocast=a.less_autocast,
+            pool_direction=a.less_pool_direction, tokenizer=tokenizer,
             dtype=a.less_store_dtype,
             show_progress=not a.disable_tqdm, on_empty_completion=a.less_on_empty_completion)
         run = {
@@ -246,7 +247,8 @@ class LessSFTTrainer(SFTTrainer):
         selector = LessSelector(
             model, warmup_dir, self.target_dataset, tokenizer=tokenizer, proj_dim=a.less_projection_dim,
             proj_kind=a.less_proj_kind, proj_seed=a.less_proj_seed, max_length=self._max_length(),
-            batch_size=a.less_featurize_batch_size, autocast=a.less_autocast, subtask_column=a.less_subtask_column,
+            batch_size=a.less_featurize_batch_size, autocast=a.less_autocast,
+            pool_direction=a.less_pool_direction, subtask_column=a.less_subtask_column,
             show_progress=not a.disable_tqdm, on_empty_completion=a.less_on_empty_completion)
         store = None
         if not selector.has_captured_pool:  # every process featurizes its share; the main one writes the store

@@ -265,3 +265,29 @@ def test_cuda_features_match_the_cpu_with_auto_batch_size(tokenizer, encoded):
     torch.testing.assert_close(out, cpu, rtol=1e-3, atol=1e-4)  # TF32 off by default: float32 on both
     bf16 = Featurizer(model, tokenizer, 256, show_progress=False, autocast=True)(encoded, moments)
     assert ((bf16 * cpu).sum(1) > 0.99).all()
+
+
+def test_pool_direction_sgd_is_the_plain_gradient(lora_model, tokenizer, encoded):
+    from hf_less.featurizer import Featurizer
+    from hf_less.store import IncompatibleFeaturesError, check_compatible
+
+    grads = PerExampleGradients(lora_model)
+    moments = random_moments(grads)
+    adam = Featurizer(lora_model, tokenizer, 64, show_progress=False)
+    sgd = Featurizer(lora_model, tokenizer, 64, show_progress=False, pool_direction="sgd")
+    torch.testing.assert_close(sgd(encoded, moments), adam(encoded), rtol=0, atol=0)  # moments unused
+    assert not torch.allclose(adam(encoded, moments), adam(encoded))
+    assert "pool_direction" not in adam.identity and sgd.identity["pool_direction"] == "sgd"
+    assert (adam.pool_representation, sgd.pool_representation) == ("less-adam", "less-sgd")
+    with pytest.raises(IncompatibleFeaturesError, match="pool_direction: None vs 'sgd'"):
+        check_compatible(adam.identity, sgd.identity)
+    with pytest.raises(ValueError, match=r"pool_direction must be one of \('adam', 'sgd'\), got 'momentum'"):
+        Featurizer(lora_model, tokenizer, 64, pool_direction="momentum")
+
+
+def test_config_refuses_an_unknown_pool_direction(tmp_path):
+    from hf_less import LessSFTConfig
+
+    assert LessSFTConfig(output_dir=str(tmp_path), use_cpu=True, less_pool_direction="sgd").less_pool_direction == "sgd"
+    with pytest.raises(ValueError, match="less_pool_direction='plain' must be one of"):
+        LessSFTConfig(output_dir=str(tmp_path), use_cpu=True, less_pool_direction="plain")

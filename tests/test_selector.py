@@ -49,8 +49,11 @@ def make_selector(tokenizer, warmup, targets, seed=0, **kw):
     return LessSelector(make_model(len(tokenizer), seed=seed), warmup, targets, tokenizer=tokenizer, **kw)
 
 
-def reference_sims(tokenizer, warmup, pool_rows, target_rows, proj_dim):
-    """Naive LESS: one example at a time, checkpoint by checkpoint, straight from the paper."""
+def reference_sims(tokenizer, warmup, pool_rows, target_rows, proj_dim, pool_direction="adam"):
+    """Naive LESS: one example at a time, checkpoint by checkpoint, straight from the paper.
+
+    ``pool_direction="sgd"``: pool examples keep their plain gradient (the moments unused).
+    """
     from hf_less.data import encode_batch
 
     enc = lambda rows: encode_batch({"prompt": [r["prompt"] for r in rows],
@@ -67,7 +70,8 @@ def reference_sims(tokenizer, warmup, pool_rows, target_rows, proj_dim):
         m = torch.cat([mom[f"exp_avg.{n}"].reshape(-1) for n in names])
         v = torch.cat([mom[f"exp_avg_sq.{n}"].reshape(-1) for n in names])
         b1, b2 = st["betas"]
-        pool_f = torch.stack([naive_adam(naive_gradient(model, i, l), m, v, b1, b2, st["eps"]) for i, l in P_enc])
+        pool_f = torch.stack([naive_gradient(model, i, l) if pool_direction == "sgd" else
+                              naive_adam(naive_gradient(model, i, l), m, v, b1, b2, st["eps"]) for i, l in P_enc])
         targ_f = torch.stack([naive_gradient(model, i, l) for i, l in T_enc])
         if proj_dim is not None:
             R = dense_matrix(pool_f.shape[1], proj_dim, DEFAULT_KIND, 0)  # the selector's default projection
@@ -86,6 +90,16 @@ def test_map_equals_naive_less(tokenizer, warmup, pool, targets, proj_dim):
     assert sims.shape == (len(pool), len(targets))
     torch.testing.assert_close(sims, ref, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(torch.tensor(scored["less_score"]), ref.mean(1), rtol=1e-3, atol=1e-4)
+
+
+def test_pool_direction_sgd_equals_naive_plain_gradients(tokenizer, warmup, pool, targets):
+    selector = make_selector(tokenizer, warmup, targets, proj_dim=256, batch_size=4, pool_direction="sgd")
+    assert selector.identity["pool_direction"] == "sgd"
+    sims = torch.tensor(pool.map(selector, batched=True, batch_size=5)["less_sims"])
+    ref = reference_sims(tokenizer, warmup, list(pool), list(targets), 256, pool_direction="sgd")
+    torch.testing.assert_close(sims, ref, rtol=1e-3, atol=1e-4)
+    adam = reference_sims(tokenizer, warmup, list(pool), list(targets), 256)
+    assert (ref - adam).abs().max() > 1e-2  # the option changes the scores: the test can tell them apart
 
 
 def test_map_does_not_depend_on_batch_size(tokenizer, warmup, pool, targets):
