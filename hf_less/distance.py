@@ -91,3 +91,36 @@ def subset_distances(selected: Sequence[int] | np.ndarray, *, sims: Any = None, 
     rows = np.arange(len(s))
     return {"coverage": coverage_distance(rows, sims=s), "ot": ot_distance(rows, sims=s, method=method),
             "size": float(len(s))}
+
+
+def selection_overlap(scores: Any, k: int) -> float:
+    """Mean pairwise overlap of the top-``k`` selections that different targets make from one pool.
+
+    A target-independence diagnostic: ``scores`` is ``(N, M)``, one column of pool scores per
+    target (array, tensor or nested list); each column's top ``k`` rows (highest score first, ties
+    to the lower row index) form a selection ``A_j``, and the result is the mean over the
+    ``M (M - 1) / 2`` pairs ``j < l`` of ``|A_j ∩ A_l| / k``. 0 when the targets select disjoint
+    subsets, 1 when every target selects the same subset; random selections overlap by about
+    ``k / N``. Rows whose score is not finite are never selected.
+
+    Example:
+        >>> selection_overlap([[3, 0], [2, 1], [1, 3], [0, 2]], k=2)   # {0, 1} and {2, 3}
+        0.0
+    """
+    s = np.asarray(scores.detach().cpu().numpy() if hasattr(scores, "detach") else scores, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (N, M): one column per target; got shape {s.shape}.")
+    n, m = s.shape
+    if m < 2:
+        raise ValueError("The overlap needs at least two targets (columns).")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in [1, {n}]; got {k}.")
+    s = np.where(np.isfinite(s), s, -np.inf)
+    chosen = []
+    for j in range(m):
+        order = np.argsort(-s[:, j], kind="stable")[:k]
+        if not np.isfinite(s[order, j]).all():
+            raise ValueError(f"Target {j} has fewer than k={k} finite scores.")
+        chosen.append(set(order.tolist()))
+    pairs = [len(chosen[a] & chosen[b]) / k for a in range(m) for b in range(a + 1, m)]
+    return float(np.mean(pairs))

@@ -68,3 +68,35 @@ def test_errors_name_the_fix():
         distance.ot_distance([], pool=P, targets=T)
     with pytest.raises(ValueError, match="lie in"):
         distance.ot_distance([400], pool=P, targets=T)
+
+
+def test_selection_overlap_hand_computed():
+    # 6 pool rows, 3 targets, k = 2. Top 2 per column: t0 -> {0, 1}; t1 -> {1, 2}; t2 -> {4, 5}
+    # (rows 4 and 5 tie at 5.0 above row 0's 4.0). Pairs: t0/t1 share {1} = 1/2, t0/t2 share none,
+    # t1/t2 share none: mean (0.5 + 0 + 0) / 3 = 1/6.
+    scores = np.array([[9.0, 1.0, 4.0],
+                       [8.0, 9.0, 3.0],
+                       [1.0, 8.0, 2.0],
+                       [0.0, 0.0, 1.0],
+                       [2.0, 2.0, 5.0],
+                       [3.0, 3.0, 5.0]])
+    assert distance.selection_overlap(scores, 2) == pytest.approx(1 / 6)
+    torch = pytest.importorskip("torch")
+    assert distance.selection_overlap(torch.tensor(scores), 2) == pytest.approx(1 / 6)
+    # Identical columns overlap fully; k = N always overlaps fully.
+    same = np.repeat(scores[:, :1], 3, axis=1)
+    assert distance.selection_overlap(same, 3) == 1.0
+    assert distance.selection_overlap(scores, 6) == 1.0
+    # Ties go to the lower row index: an all-equal column selects rows {0, 1}.
+    assert distance.selection_overlap(np.array([[1.0, 5.0], [1.0, 4.0], [1.0, 0.0]]), 2) == 1.0
+    # A non-finite score is never selected.
+    assert distance.selection_overlap(np.array([[np.nan, 0.0], [1.0, 1.0], [0.5, 2.0]]), 2) == 1.0
+
+
+def test_selection_overlap_rejects_bad_input():
+    with pytest.raises(ValueError, match="two targets"):
+        distance.selection_overlap(np.zeros((4, 1)), 2)
+    with pytest.raises(ValueError, match="k must"):
+        distance.selection_overlap(np.zeros((4, 2)), 5)
+    with pytest.raises(ValueError, match="finite"):
+        distance.selection_overlap(np.array([[np.nan, 1.0], [np.nan, 0.0], [1.0, 2.0]]), 2)
