@@ -6,12 +6,26 @@ on the selection (one run per seed) and evaluated on the target task's held-out 
 ``target_scores`` tasks, exact match otherwise). Rows: zero-shot, random, full pool, LESS-topk,
 LESS-round_robin, LESS-uot, rds-round_robin, embedding-round_robin, IFD.
 
+Transfer mode (``--transfer``): the target task is absent from the pool, as for a user whose capability has
+no examples in their data. ONE pool is built from about 100 BIG-bench tasks (up to ``--examples_per_task``
+each, only examples that fit ``--max_length`` tokens) with every target task excluded; targets and the
+held-out split come from each target task. The pool does not depend on the target, so the LESS warmup,
+the captured pool features and the rds / embedding / IFD scores are computed once and reused for every
+target, and the target-independent selections (full pool, random, IFD) are trained once and evaluated on
+every target. Beside the table it writes a win table (beats random beyond the seed spread; LESS-RR
+against the best cheap representation), the target-independence overlap of each representation's top-k
+selections (:func:`hf_less.distance.selection_overlap`) and each representation's scoring cost.
+``--quick`` is a small configuration (3 targets, 5%, one training seed, 2 random seeds, 4 examples per
+task, a 1-epoch warmup: about 30 minutes on 2 CPU cores). See docs/selection_quality.md.
+
 Resumable: finished cells are kept in OUT/cells.json (and each target's scores in OUT/scores_*.npz);
 run the same command again to continue. Writes OUT/results.md (the table) and OUT/results.png.
 
     python examples/bench/selection_quality.py --out out/selection_quality          # small CPU configuration
     python examples/bench/selection_quality.py --targets sports_understanding object_counting \\
         --budgets 0.01 0.05 0.1 --seeds 0 1 2 --examples_per_task 64 --epochs 4      # larger
+    python examples/bench/selection_quality.py --transfer --quick     # transfer, about 30 min on 2 CPU cores
+    python examples/bench/selection_quality.py --transfer             # transfer, 6 targets, a few CPU hours
 """
 
 from __future__ import annotations
@@ -127,13 +141,14 @@ def select(method: str, k: int, seed: int, scores: dict[str, np.ndarray], n: int
     return selectors.order(strategy, scores[f"{key}_score"], seed, sims=scores[f"{key}_sims"], k=k).tolist()
 
 
-def summarize(cells: dict, args) -> list[dict]:
+def summarize(cells: dict, args, prefix: str = "") -> list[dict]:
+    """Mean and sd over seeds of every (target, budget, method) cell whose key starts with ``prefix``."""
     rows = []
     for target in args.targets:
         for b, method in [("-", "zero-shot"), ("-", "full pool")] + [
                 (budget, m) for budget in args.budgets for m in METHODS if m not in ("zero-shot", "full pool")]:
             if True:
-                vals = [c for key, c in cells.items() if key.startswith(f"{target}|{b}|{method}|")]
+                vals = [c for key, c in cells.items() if key.startswith(f"{prefix}{target}|{b}|{method}|")]
                 if not vals:
                     continue
                 loss = [v["target_loss"] for v in vals]
@@ -194,14 +209,299 @@ def plot(rows: list[dict], path: Path, args) -> None:
     plt.close(fig)
 
 
+# -- transfer mode: the target tasks are absent from the pool ---------------------------------------
+
+# Target tasks of the transfer mode, one or more of each kind; docs/selection_quality.md says why each.
+TRANSFER_TARGETS = ("date_understanding", "navigate", "hindu_knowledge", "word_unscrambling", "social_iqa",
+                    "sports_understanding")
+QUICK_TARGETS = ("hindu_knowledge", "word_unscrambling", "social_iqa")
+REPRESENTATIONS = ("less", "rds", "embedding", "random")
+
+
+def token_length_ok(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    """Rows whose prompt + completion fit in ``max_length`` tokens (none truncated away)."""
+    if not rows:
+        return rows
+    ids = tokenizer([r["prompt"] + r["completion"] for r in rows], add_special_tokens=True)["input_ids"]
+    return [r for r, i in zip(rows, ids) if len(i) <= max_length]
+
+
+def transfer_splits(tokenizer, args):
+    """ONE pool from up to ``--pool_tasks`` BIG-bench tasks, every target task excluded, and per target
+    task its ``num_targets`` targets and ``num_eval`` held-out examples. Deterministic (seed 0)."""
+    from hf_less.bigbench import BigBenchArchive, _dataset, _shuffled, task_examples
+
+    bb = BigBenchArchive()
+    targets = list(args.targets)
+    excluded = {t.split(":")[0] for t in targets} | set(args.exclude_tasks)
+    bb.extract(bb.task_names())  # one archive pass for every file not yet copied out
+    per_target = {}
+    for t in targets:
+        rows = _shuffled(token_length_ok(tokenizer, task_examples(bb, t, args.max_chars), args.max_length), 0, t)
+        need = args.num_targets + args.num_eval
+        if len(rows) < need:
+            raise SystemExit(f"Target task {t!r} has {len(rows)} usable examples; {need} are needed.")
+        per_target[t] = (_dataset(rows[:args.num_targets]), _dataset(rows[args.num_targets:need]))
+    pool, used = [], []
+    for t in _shuffled(sorted(set(bb.task_names()) - excluded), 0, "tasks"):
+        if len(used) == args.pool_tasks:
+            break
+        rows = token_length_ok(tokenizer, task_examples(bb, t, args.max_chars), args.max_length)
+        if len(rows) < args.min_task_examples:
+            continue
+        used.append(t)
+        pool += _shuffled(rows, 0, t)[:args.examples_per_task]
+    return _dataset(_shuffled(pool, 0, "pool")), per_target, sorted(used)
+
+
+def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dict[str, np.ndarray]:
+    """The pool-by-target cosine of every representation for ALL target tasks at once, and IFD.
+
+    One LESS warmup on the shared pool; its callback captures the pool's and every target's gradient
+    features at each checkpoint, so the pool is featurized once whatever the number of targets. rds,
+    embedding and random features of the pool are likewise computed once. Cached in OUT/transfer_scores.npz.
+    """
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_less import LessCallback, LessSelector
+    from hf_less.quality import IFDScorer
+    from hf_less.representations import RepresentationSelector
+
+    cache = out / "transfer_scores.npz"
+    if cache.exists():
+        return dict(np.load(cache))
+    from datasets import concatenate_datasets
+
+    names = list(per_target)
+    all_targets = text_only(concatenate_datasets([per_target[t][0] for t in names]))
+    pool_text = text_only(pool)
+    result, seconds = {}, {}
+    t = time.time()
+    warm_dir = out / "warmup"
+    n_warm = max(1, round(args.warmup_fraction * len(pool)))
+    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=LORA_MODULES, task_type="CAUSAL_LM")
+    config = SFTConfig(output_dir=str(warm_dir), num_train_epochs=args.warmup_epochs, save_strategy="epoch",
+                       per_device_train_batch_size=args.batch_size, learning_rate=2e-4, lr_scheduler_type="linear",
+                       max_length=args.max_length, report_to=[], use_cpu=not torch.cuda.is_available(),
+                       logging_steps=50, save_only_model=True, seed=0, disable_tqdm=True)
+    capture = LessCallback(pool=pool_text, targets=all_targets, proj_dim=args.proj_dim, max_length=args.max_length,
+                           batch_size=args.batch_size)
+    SFTTrainer(copy.deepcopy(base), args=config, train_dataset=pool_text.shuffle(seed=0).select(range(n_warm)),
+               processing_class=tokenizer, peft_config=lora, callbacks=[capture]).train()
+    less = LessSelector(copy.deepcopy(base), warm_dir, all_targets, tokenizer=tokenizer, proj_dim=args.proj_dim,
+                        max_length=args.max_length, batch_size=args.batch_size)
+    _, result["less_sims"] = less.score(pool_text)
+    seconds["less"] = time.time() - t
+    for rep, model in (("rds", base), ("embedding", None), ("random", None)):
+        t = time.time()
+        sel = RepresentationSelector(all_targets, rep, model=model, tokenizer=tokenizer, max_length=args.max_length,
+                                     batch_size=args.batch_size)
+        pool_f = torch.cat([sel.features(rows_of_range(pool_text, s, min(len(pool_text), s + 64)))
+                            for s in range(0, len(pool_text), 64)])
+        result[f"{rep}_sims"] = (pool_f @ sel.target_features.T).numpy()
+        seconds[rep] = time.time() - t
+    t = time.time()
+    scored = pool_text.map(IFDScorer(base, tokenizer, max_length=args.max_length, batch_size=args.batch_size),
+                           batched=True, batch_size=64, desc="IFD")
+    result["ifd"] = np.asarray(scored["ifd"], dtype=np.float64)
+    seconds["ifd"] = time.time() - t
+    result["target_task"] = np.asarray([t for t in names for _ in range(len(per_target[t][0]))])
+    result["seconds"] = np.asarray([seconds[k] for k in (*REPRESENTATIONS, "ifd")])
+    np.savez(cache, **result)
+    return result
+
+
+def rows_of_range(dataset, start: int, stop: int) -> dict[str, list]:
+    return dataset.select(range(start, stop)).to_dict()
+
+
+def target_scores(features: dict[str, np.ndarray], target: str) -> dict[str, np.ndarray]:
+    """The columns of one target task: ``{rep}_sims`` (N, T_target), ``{rep}_score`` (their mean), ``ifd``."""
+    cols = np.flatnonzero(features["target_task"] == target)
+    out = {"ifd": features["ifd"]}
+    for rep in REPRESENTATIONS:
+        sims = np.asarray(features[f"{rep}_sims"], dtype=np.float32)[:, cols]
+        out[f"{rep}_sims"], out[f"{rep}_score"] = sims, sims.mean(1)
+    return out
+
+
+def overlap_table(features: dict[str, np.ndarray], targets: list[str], budgets: list[float], n: int) -> str:
+    """Target-independence: mean pairwise overlap of the top-k (by score) selections of the target tasks."""
+    from hf_less.distance import selection_overlap
+
+    lines = ["Target independence: mean pairwise overlap |A ∩ B| / k of the top-k selections made for "
+             f"different targets ({len(targets)} targets, {len(targets) * (len(targets) - 1) // 2} pairs) from "
+             f"the same pool of {n}; a random selection overlaps by about k / N.", "",
+             "| representation | " + " | ".join(f"top {b:.0%} (k = {selectors.resolve_budget(b, n)})"
+                                                for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for rep in REPRESENTATIONS:
+        scores = np.stack([target_scores(features, t)[f"{rep}_score"] for t in targets], axis=1)
+        cells = [f"{selection_overlap(scores, selectors.resolve_budget(b, n)):.1%}" for b in budgets]
+        lines.append(f"| {rep} | " + " | ".join(cells) + " |")
+    lines.append("| (k / N, expected of random selections) | " + " | ".join(
+        f"{selectors.resolve_budget(b, n) / n:.1%}" for b in budgets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def win_table(rows: list[dict], targets: list[str], budgets: list[float]) -> str:
+    """Per method and budget: on how many targets it beats random beyond the seed spread, and LESS-RR
+    against the best cheap representation (the better of rds- and embedding-round_robin by mean loss)."""
+    def get(target, budget, method):
+        return next((r for r in rows if r["target"] == target and r["budget"] == budget and r["method"] == method),
+                    None)
+
+    lines = ["Wins over random beyond the seed spread: on loss, mean + sd of the method below mean - sd of "
+             "random; on the metric, mean - sd above random's mean + sd (one training seed: sd 0 for the "
+             "method). Counted over the targets that have both cells.", "",
+             "| budget | method | loss: beats random | metric: beats random | loss: worse than random |",
+             "|---|---|---|---|---|"]
+    for budget in budgets:
+        for method in [m for m in METHODS if m not in ("zero-shot", "random")]:
+            win = lose = mwin = total = 0
+            for t in targets:
+                r = get(t, budget, "random")
+                m = get(t, "-" if method == "full pool" else budget, method)
+                if r is None or m is None:
+                    continue
+                total += 1
+                win += m["loss"] + m["loss_sd"] < r["loss"] - r["loss_sd"]
+                lose += m["loss"] - m["loss_sd"] > r["loss"] + r["loss_sd"]
+                mwin += m["value"] - m["value_sd"] > r["value"] + r["value_sd"]
+            if total:
+                lines.append(f"| {budget:.0%} | {method} | {win}/{total} | {mwin}/{total} | {lose}/{total} |")
+    lines += ["", "LESS-round_robin against the best cheap representation (rds- or embedding-round_robin, "
+              "whichever has the lower mean loss on that target):", "",
+              "| budget | LESS-RR lower mean loss | beyond the seed spread | cheap lower beyond the spread |",
+              "|---|---|---|---|"]
+    for budget in budgets:
+        lower = beyond = worse = total = 0
+        for t in targets:
+            less = get(t, budget, "LESS-round_robin")
+            cheap = [c for c in (get(t, budget, "rds-round_robin"), get(t, budget, "embedding-round_robin")) if c]
+            if less is None or not cheap:
+                continue
+            best = min(cheap, key=lambda c: c["loss"])
+            total += 1
+            lower += less["loss"] < best["loss"]
+            beyond += less["loss"] + less["loss_sd"] < best["loss"] - best["loss_sd"]
+            worse += best["loss"] + best["loss_sd"] < less["loss"] - less["loss_sd"]
+        if total:
+            lines.append(f"| {budget:.0%} | {lower}/{total} | {beyond}/{total} | {worse}/{total} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path, t0: float, ev: dict) -> str:
+    """The transfer benchmark: one shared pool without the target tasks, every target scored against it.
+
+    Selections that do not depend on the target (full pool, random, IFD) are trained once per budget
+    and seed and evaluated on every target. Cell keys start with ``transfer|``.
+    """
+    pool, per_target, used = transfer_splits(tokenizer, args)
+    n, targets = len(pool), list(args.targets)
+    print(f"transfer: pool {n} from {len(used)} tasks (targets excluded: {', '.join(targets)}); "
+          f"per target {args.num_targets} targets, {args.num_eval} eval", flush=True)
+    (out / "pool_tasks.json").write_text(json.dumps({"pool": n, "tasks": used, "targets": targets}, indent=1))
+    key_of = lambda target, budget, method, seed: f"transfer|{target}|{budget}|{method}|{seed}"  # noqa: E731
+
+    def header(elapsed: float) -> str:
+        return (f"selection_quality --transfer{' --quick' if args.quick else ''}: SmolLM2-135M-Instruct; pool {n} "
+                f"examples, up to {args.examples_per_task} from each of {len(used)} BIG-bench tasks (fit in "
+                f"{args.max_length} tokens), the {len(targets)} target tasks excluded; {args.num_targets} targets and "
+                f"{args.num_eval} eval examples per target task; LESS warmup {args.warmup_epochs} epoch(s) on "
+                f"{args.warmup_fraction:.0%} of the pool, d = {args.proj_dim}; LoRA r=8, {args.epochs} epochs on each "
+                f"selection ({args.full_epochs} on the full pool), lr {args.lr}; training seeds {args.seeds}, random "
+                f"seeds {args.random_seeds}; {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
+                f"this invocation {elapsed / 60:.1f} min")
+
+    features = None
+
+    def report() -> str:
+        rows = summarize(cells, args, prefix="transfer|")
+        text = markdown(rows, header(time.time() - t0)) + "\n" + win_table(rows, targets, args.budgets)
+        if features is not None:
+            text += "\n" + overlap_table(features, targets, args.budgets, n)
+            sec = dict(zip((*REPRESENTATIONS, "ifd"), features["seconds"].tolist()))
+            text += ("\nSelection cost on this machine (scores of the whole pool for all targets at once; LESS "
+                     "includes its warmup and the capture): " + ", ".join(
+                         f"{k} {v:.0f} s ({v / n * 1000:.0f} s per 1,000 pool examples)" for k, v in sec.items()) + "\n")
+        (out / "results.md").write_text(text)
+        return text
+
+    def evaluate(model, targets_now: list[str], method: str, budget, seed: int, size: int, t: float) -> None:
+        for target in targets_now:
+            key = key_of(target, budget, method, seed)
+            result = evaluate_model(model, tokenizer, per_target[target][1], **ev)
+            cells[key] = {**result, "n": size, "sdf": sdf(size, n), "seconds": round(time.time() - t, 1)}
+            atomic_write_json(cells_path, cells)
+            print(f"[{time.time() - t0:7.0f}s] {key}: loss {result['target_loss']:.3f} "
+                  f"{result['metric']} {result['value']:.3f} (n={size}, {cells[key]['seconds']}s)", flush=True)
+        report()
+
+    def train(rows: list[int], seed: int, epochs: int):
+        return lora_train(base, tokenizer, pool.select(rows), epochs=epochs, lr=args.lr, batch_size=args.batch_size,
+                          max_length=args.max_length, seed=seed)
+
+    missing = [t for t in targets if key_of(t, "-", "zero-shot", 0) not in cells]
+    if missing:
+        evaluate(base, missing, "zero-shot", "-", 0, 0, time.time())
+    features = transfer_features(base, tokenizer, pool, per_target, out, args)
+    print(f"[{time.time() - t0:7.0f}s] scores of every representation ready", flush=True)
+    report()
+    for seed in args.seeds:
+        missing = [t for t in targets if key_of(t, "-", "full pool", seed) not in cells]
+        if missing:
+            t = time.time()
+            evaluate(train(list(range(n)), seed, args.full_epochs), missing, "full pool", "-", seed, n, t)
+    for budget in args.budgets:
+        k = selectors.resolve_budget(budget, n)
+        # Target-independent selections: one training, evaluated on every target.
+        for method, seeds in (("random", args.random_seeds), ("IFD", args.seeds)):
+            for seed in seeds:
+                missing = [t for t in targets if key_of(t, budget, method, seed) not in cells]
+                if missing:
+                    t = time.time()
+                    evaluate(train(select(method, k, seed, features, n), seed, args.epochs), missing, method, budget,
+                             seed, k, t)
+        for target in targets:
+            scores = target_scores(features, target)
+            for method in [m for m in METHODS[3:] if m != "IFD"]:
+                for seed in args.seeds:
+                    if key_of(target, budget, method, seed) in cells:
+                        continue
+                    t = time.time()
+                    rows = select(method, k, seed, scores, n)
+                    evaluate(train(rows, seed, args.epochs), [target], method, budget, seed, len(rows), t)
+    text = report()
+    plot(summarize(cells, args, prefix="transfer|"), out / "results.png", args)
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/selection_quality")
-    p.add_argument("--targets", nargs="+", default=["sports_understanding", "object_counting"],
-                   help="BIG-bench target tasks (multiple-choice ones get MC accuracy, others exact match).")
-    p.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1], help="Fractions of the pool.")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="Training (and random selection) seeds.")
-    p.add_argument("--examples_per_task", type=int, default=8, help="Pool size = about 30 tasks x this.")
+    p.add_argument("--transfer", action="store_true",
+                   help="Transfer mode: one pool from about 100 BIG-bench tasks with every target task excluded.")
+    p.add_argument("--quick", action="store_true", help="With --transfer: a smaller configuration (about 30 min on "
+                   "2 CPU cores): 3 targets, one budget, one training seed, 2 random seeds, 4 examples per task.")
+    p.add_argument("--out", default=None, help="Default: out/selection_quality (in-pool), "
+                   "out/selection_quality_transfer, out/selection_quality_transfer_quick.")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="BIG-bench target tasks (multiple-choice ones get MC accuracy, others exact match). Default: "
+                        "sports_understanding object_counting; --transfer: " + " ".join(TRANSFER_TARGETS) +
+                        "; --transfer --quick: " + " ".join(QUICK_TARGETS) + ".")
+    p.add_argument("--budgets", nargs="+", type=float, default=None,
+                   help="Fractions of the pool (default 0.05 0.1; --quick: 0.05).")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="Training (and, in-pool, random selection) seeds (default 0 1; --quick: 0).")
+    p.add_argument("--random_seeds", nargs="+", type=int, default=None,
+                   help="--transfer: seeds of the random selections (default 0 1 2; --quick: 0 1).")
+    p.add_argument("--examples_per_task", type=int, default=None,
+                   help="Pool examples per task (default 8 in-pool, about 30 tasks; --transfer 12; --quick 4).")
+    p.add_argument("--pool_tasks", type=int, default=100, help="--transfer: tasks in the pool.")
+    p.add_argument("--min_task_examples", type=int, default=4,
+                   help="--transfer: a pool task needs at least this many examples that fit max_length.")
+    p.add_argument("--exclude_tasks", nargs="*", default=[], help="--transfer: more tasks kept out of the pool.")
     p.add_argument("--num_eval", type=int, default=24, help="Held-out target examples per task.")
     p.add_argument("--num_targets", type=int, default=8)
     p.add_argument("--max_chars", type=int, default=300)
@@ -210,12 +510,30 @@ def main() -> None:
     p.add_argument("--full_epochs", type=int, default=1, help="Training epochs on the full pool.")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--warmup_fraction", type=float, default=0.1)
-    p.add_argument("--warmup_epochs", type=int, default=2)
+    p.add_argument("--warmup_fraction", type=float, default=None,
+                   help="LESS warmup share of the pool (default 0.1 in-pool, 0.05 with --transfer).")
+    p.add_argument("--warmup_epochs", type=int, default=None, help="Default 2; --quick: 1.")
     p.add_argument("--proj_dim", type=int, default=512)
     p.add_argument("--max_new_tokens", type=int, default=12)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
+    if args.quick and not args.transfer:
+        p.error("--quick is a configuration of --transfer; add --transfer.")
+    quick = args.quick
+    defaults = {
+        "out": "out/selection_quality" + ("_transfer" if args.transfer else "") + ("_quick" if quick else ""),
+        "targets": list(QUICK_TARGETS if quick else TRANSFER_TARGETS) if args.transfer
+        else ["sports_understanding", "object_counting"],
+        "budgets": [0.05] if quick else [0.05, 0.1],
+        "seeds": [0] if quick else [0, 1],
+        "random_seeds": [0, 1] if quick else [0, 1, 2],
+        "examples_per_task": 4 if quick else 12 if args.transfer else 8,
+        "warmup_fraction": 0.05 if args.transfer else 0.1,
+        "warmup_epochs": 1 if quick else 2,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -227,6 +545,9 @@ def main() -> None:
     base.eval()
     ev = {"max_length": args.max_length, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
           "show_progress": False}
+    if args.transfer:
+        print(run_transfer(args, base, tokenizer, out, cells, cells_path, t0, ev))
+        return
 
     def header(elapsed: float) -> str:
         return (f"selection_quality: SmolLM2-135M-Instruct, LoRA r=8, {args.epochs} epochs on each selection "
