@@ -218,17 +218,34 @@ QUICK_TARGETS = ("hindu_knowledge", "word_unscrambling", "social_iqa")
 REPRESENTATIONS = ("less", "rds", "embedding", "random")
 
 
-def token_length_ok(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """Rows whose prompt + completion fit in ``max_length`` tokens (none truncated away)."""
-    if not rows:
-        return rows
-    ids = tokenizer([r["prompt"] + r["completion"] for r in rows], add_special_tokens=True)["input_ids"]
-    return [r for r, i in zip(rows, ids) if len(i) <= max_length]
+def fitting(tokenizer, rows: list[dict], max_length: int, want: int | None = None) -> list[dict]:
+    """The first ``want`` (default all) rows, in order, whose prompt + completion fit in ``max_length``
+    tokens (so no completion is truncated away); tokenizes only as far as needed."""
+    out = []
+    for start in range(0, len(rows), 256):
+        chunk = rows[start:start + 256]
+        ids = tokenizer([r["prompt"] + r["completion"] for r in chunk], add_special_tokens=True)["input_ids"]
+        out += [r for r, i in zip(chunk, ids) if len(i) <= max_length]
+        if want is not None and len(out) >= want:
+            return out[:want]
+    return out
+
+
+def pool_digest(pool) -> str:
+    """A short hash of the pool's example ids, in order (the cached scores belong to one pool)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(pool["id"]).encode()).hexdigest()[:16]
 
 
 def transfer_splits(tokenizer, args):
     """ONE pool from up to ``--pool_tasks`` BIG-bench tasks, every target task excluded, and per target
-    task its ``num_targets`` targets and ``num_eval`` held-out examples. Deterministic (seed 0)."""
+    task its ``num_targets`` targets and ``num_eval`` held-out examples. Deterministic (seed 0).
+
+    Every task's examples are shuffled once, then the first ones that fit ``max_length`` are taken; the
+    pool's tasks are the first ``--pool_tasks`` of a fixed shuffle of ALL task names that are neither
+    excluded nor too small, so pools that exclude different targets share most of their tasks.
+    """
     from hf_less.bigbench import BigBenchArchive, _dataset, _shuffled, task_examples
 
     bb = BigBenchArchive()
@@ -236,21 +253,24 @@ def transfer_splits(tokenizer, args):
     excluded = {t.split(":")[0] for t in targets} | set(args.exclude_tasks)
     bb.extract(bb.task_names())  # one archive pass for every file not yet copied out
     per_target = {}
+    need = args.num_targets + args.num_eval
     for t in targets:
-        rows = _shuffled(token_length_ok(tokenizer, task_examples(bb, t, args.max_chars), args.max_length), 0, t)
-        need = args.num_targets + args.num_eval
+        rows = fitting(tokenizer, _shuffled(task_examples(bb, t, args.max_chars), 0, t), args.max_length, need)
         if len(rows) < need:
             raise SystemExit(f"Target task {t!r} has {len(rows)} usable examples; {need} are needed.")
         per_target[t] = (_dataset(rows[:args.num_targets]), _dataset(rows[args.num_targets:need]))
     pool, used = [], []
-    for t in _shuffled(sorted(set(bb.task_names()) - excluded), 0, "tasks"):
+    for t in _shuffled(bb.task_names(), 0, "tasks"):
         if len(used) == args.pool_tasks:
             break
-        rows = token_length_ok(tokenizer, task_examples(bb, t, args.max_chars), args.max_length)
+        if t in excluded:
+            continue
+        rows = fitting(tokenizer, _shuffled(task_examples(bb, t, args.max_chars), 0, t), args.max_length,
+                       max(args.examples_per_task, args.min_task_examples))
         if len(rows) < args.min_task_examples:
             continue
         used.append(t)
-        pool += _shuffled(rows, 0, t)[:args.examples_per_task]
+        pool += rows[:args.examples_per_task]
     return _dataset(_shuffled(pool, 0, "pool")), per_target, sorted(used)
 
 
@@ -269,8 +289,13 @@ def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dic
     from hf_less.representations import RepresentationSelector
 
     cache = out / "transfer_scores.npz"
+    digest = pool_digest(pool)
     if cache.exists():
-        return dict(np.load(cache))
+        cached = dict(np.load(cache))
+        if str(cached.get("pool_digest")) != digest or list(dict.fromkeys(cached["target_task"])) != list(per_target):
+            raise SystemExit(f"{cache} was computed for another pool or other targets (different options); "
+                             "use another --out or delete that directory.")
+        return cached
     from datasets import concatenate_datasets
 
     names = list(per_target)
@@ -307,6 +332,7 @@ def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dic
     result["ifd"] = np.asarray(scored["ifd"], dtype=np.float64)
     seconds["ifd"] = time.time() - t
     result["target_task"] = np.asarray([t for t in names for _ in range(len(per_target[t][0]))])
+    result["pool_digest"] = np.asarray(digest)
     result["seconds"] = np.asarray([seconds[k] for k in (*REPRESENTATIONS, "ifd")])
     np.savez(cache, **result)
     return result
@@ -402,7 +428,14 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
     n, targets = len(pool), list(args.targets)
     print(f"transfer: pool {n} from {len(used)} tasks (targets excluded: {', '.join(targets)}); "
           f"per target {args.num_targets} targets, {args.num_eval} eval", flush=True)
-    (out / "pool_tasks.json").write_text(json.dumps({"pool": n, "tasks": used, "targets": targets}, indent=1))
+    splits_id = pool_digest(pool) + ":" + ",".join(
+        pool_digest(per_target[t][0]) + "/" + pool_digest(per_target[t][1]) for t in targets)
+    info = out / "pool_tasks.json"
+    if cells and any(k.startswith("transfer|") for k in cells) and (
+            not info.exists() or json.loads(info.read_text()).get("splits") != splits_id):
+        raise SystemExit(f"{out} holds cells of another pool or other targets (different options); use another "
+                         "--out or delete it.")
+    info.write_text(json.dumps({"pool": n, "splits": splits_id, "tasks": used, "targets": targets}, indent=1))
     key_of = lambda target, budget, method, seed: f"transfer|{target}|{budget}|{method}|{seed}"  # noqa: E731
 
     def header(elapsed: float) -> str:
