@@ -56,6 +56,26 @@ METHODS = ("zero-shot", "random", "full pool", "LESS-topk", "LESS-round_robin", 
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+def capture_warmup(base, tokenizer, pool, targets, warm_dir: Path, args) -> Path:
+    """The LESS warmup: LoRA SFT on a seeded ``warmup_fraction`` of ``pool``, capturing pool and target features."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_less import LessCallback
+
+    n_warm = max(1, round(args.warmup_fraction * len(pool)))
+    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=LORA_MODULES, task_type="CAUSAL_LM")
+    config = SFTConfig(output_dir=str(warm_dir), num_train_epochs=args.warmup_epochs, save_strategy="epoch",
+                       per_device_train_batch_size=args.batch_size, learning_rate=2e-4, lr_scheduler_type="linear",
+                       max_length=args.max_length, report_to=[], use_cpu=not torch.cuda.is_available(),
+                       logging_steps=50, save_only_model=True, seed=0, disable_tqdm=True)
+    capture = LessCallback(pool=pool, targets=targets, proj_dim=args.proj_dim, max_length=args.max_length,
+                           batch_size=args.batch_size)
+    SFTTrainer(copy.deepcopy(base), args=config, train_dataset=pool.shuffle(seed=0).select(range(n_warm)),
+               processing_class=tokenizer, peft_config=lora, callbacks=[capture]).train()
+    return warm_dir
+
+
 def lora_train(base, tokenizer, rows, *, epochs: int, lr: float, batch_size: int, max_length: int, seed: int,
                r: int = 8):
     """A plain LoRA SFT loop (AdamW, linear decay) on prompt/completion rows; returns the trained PeftModel."""
@@ -87,10 +107,8 @@ def lora_train(base, tokenizer, rows, *, epochs: int, lr: float, batch_size: int
 
 def compute_scores(base, tokenizer, splits, out: Path, args) -> dict[str, np.ndarray]:
     """LESS (warmup + gradient features), rds, embedding and IFD scores of the pool, cached in OUT."""
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
-    from hf_less import LessCallback, LessSelector
+    from hf_less import LessSelector
     from hf_less.representations import RepresentationSelector
     from hf_less.quality import IFDScorer
 
@@ -99,17 +117,7 @@ def compute_scores(base, tokenizer, splits, out: Path, args) -> dict[str, np.nda
     if cache.exists():
         return dict(np.load(cache))
     pool, targets = text_only(splits.pool), text_only(splits.targets)
-    warm_dir = out / f"warmup_{target}"
-    n_warm = max(1, round(args.warmup_fraction * len(pool)))
-    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=LORA_MODULES, task_type="CAUSAL_LM")
-    config = SFTConfig(output_dir=str(warm_dir), num_train_epochs=args.warmup_epochs, save_strategy="epoch",
-                       per_device_train_batch_size=args.batch_size, learning_rate=2e-4, lr_scheduler_type="linear",
-                       max_length=args.max_length, report_to=[], use_cpu=not torch.cuda.is_available(),
-                       logging_steps=50, save_only_model=True, seed=0, disable_tqdm=True)
-    capture = LessCallback(pool=pool, targets=targets, proj_dim=args.proj_dim, max_length=args.max_length,
-                           batch_size=args.batch_size)
-    SFTTrainer(copy.deepcopy(base), args=config, train_dataset=pool.shuffle(seed=0).select(range(n_warm)),
-               processing_class=tokenizer, peft_config=lora, callbacks=[capture]).train()
+    warm_dir = capture_warmup(base, tokenizer, pool, targets, out / f"warmup_{target}", args)
     less = LessSelector(copy.deepcopy(base), warm_dir, targets, tokenizer=tokenizer, proj_dim=args.proj_dim,
                         max_length=args.max_length, batch_size=args.batch_size)
     scored = pool.map(less, batched=True, batch_size=64, desc="LESS")
@@ -281,10 +289,8 @@ def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dic
     features at each checkpoint, so the pool is featurized once whatever the number of targets. rds,
     embedding and random features of the pool are likewise computed once. Cached in OUT/transfer_scores.npz.
     """
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
-    from hf_less import LessCallback, LessSelector
+    from hf_less import LessSelector
     from hf_less.quality import IFDScorer
     from hf_less.representations import RepresentationSelector
 
@@ -303,17 +309,7 @@ def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dic
     pool_text = text_only(pool)
     result, seconds = {}, {}
     t = time.time()
-    warm_dir = out / "warmup"
-    n_warm = max(1, round(args.warmup_fraction * len(pool)))
-    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=LORA_MODULES, task_type="CAUSAL_LM")
-    config = SFTConfig(output_dir=str(warm_dir), num_train_epochs=args.warmup_epochs, save_strategy="epoch",
-                       per_device_train_batch_size=args.batch_size, learning_rate=2e-4, lr_scheduler_type="linear",
-                       max_length=args.max_length, report_to=[], use_cpu=not torch.cuda.is_available(),
-                       logging_steps=50, save_only_model=True, seed=0, disable_tqdm=True)
-    capture = LessCallback(pool=pool_text, targets=all_targets, proj_dim=args.proj_dim, max_length=args.max_length,
-                           batch_size=args.batch_size)
-    SFTTrainer(copy.deepcopy(base), args=config, train_dataset=pool_text.shuffle(seed=0).select(range(n_warm)),
-               processing_class=tokenizer, peft_config=lora, callbacks=[capture]).train()
+    warm_dir = capture_warmup(base, tokenizer, pool_text, all_targets, out / "warmup", args)
     less = LessSelector(copy.deepcopy(base), warm_dir, all_targets, tokenizer=tokenizer, proj_dim=args.proj_dim,
                         max_length=args.max_length, batch_size=args.batch_size)
     _, result["less_sims"] = less.score(pool_text)
