@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import check_on_empty, collate, detect_format, encode_batch, pad_token_id, padding_side
 from .features import AdamMoments, PerExampleGradients, batch_order, eval_mode, gradient_features
+from .identity import weights_digest
 from .projection import DEFAULT_KIND, make_projector
 from .scores import normalize
 
@@ -105,18 +106,10 @@ def model_identity(model: torch.nn.Module) -> dict:
     Trainable parameters (the adapter) are left out: checkpoints identify those.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    h = hashlib.sha256()
-    for name, p in base.named_parameters():
-        if p.requires_grad:
-            continue
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
-        h.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())
-        h.update(np.float64(flat.double().sum().item()).tobytes())
     config = getattr(base, "config", None)
     return {
         "name_or_path": getattr(config, "_name_or_path", "") or type(base).__name__,
-        "weights": h.hexdigest()[:16],
+        "weights": weights_digest(base, frozen_only=True),
     }
 
 

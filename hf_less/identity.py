@@ -48,14 +48,17 @@ def tokenizer_identity(tokenizer: Any) -> str | None:
     return _sha(json.dumps(parts, sort_keys=True, default=str))
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """A checksum of every parameter of ``model`` (names, shapes, a strided sample and the sum).
+def weights_digest(model: torch.nn.Module, frozen_only: bool = False) -> str:
+    """A checksum of the parameters of ``model`` (names, shapes, a strided sample and the sum).
 
-    Unlike :func:`hf_less.featurizer.model_identity` it covers trainable parameters too: the
-    model a selection is made with is often a plain, fully trainable base model.
+    Every parameter by default: the model a selection is made with is often a plain, fully
+    trainable base model. ``frozen_only``: the parameters without ``requires_grad`` (the base
+    model under an adapter, as :func:`hf_less.featurizer.model_identity` identifies it).
     """
     h = hashlib.sha256()
     for name, p in model.named_parameters():
+        if frozen_only and p.requires_grad:
+            continue
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
         h.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())

@@ -55,20 +55,22 @@ _M32 = 0xFFFFFFFF
 _SIGN_TABLES: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
-def _splitmix64(z: int) -> int:
-    """A fixed 64-bit mixing of a Python int (splitmix64's finaliser)."""
-    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+def _fmix64(z: int) -> int:
+    """splitmix64's 64-bit finaliser of a Python int."""
+    z &= 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return z ^ (z >> 31)
 
 
+def _splitmix64(z: int) -> int:
+    """One splitmix64 step: the golden-ratio increment, then the finaliser."""
+    return _fmix64(z + 0x9E3779B97F4A7C15)
+
+
 def _block_seed(seed: int, block: int) -> int:
     # A fixed mixing of (seed, block) into one 63-bit CPU generator seed (the Gaussian kind).
-    z = (seed * 0x9E3779B97F4A7C15 + block + 1) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+    return _fmix64(seed * 0x9E3779B97F4A7C15 + block + 1) & 0x7FFFFFFFFFFFFFFF
 
 
 def hash_key(seed: int, stream: int) -> int:
