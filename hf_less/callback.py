@@ -84,9 +84,8 @@ class LessCallback(TrainerCallback):
         pool: candidate examples to capture (any format ``LessSelector`` accepts), or ``None``.
         targets: target examples to capture, or ``None``.
         proj_dim, proj_kind, proj_seed, max_length, batch_size, projection_buffer_bytes, autocast,
-            pool_direction: as
-            for ``LessSelector`` (the projection and ``max_length`` must match the selector that reuses
-            the features). Capture runs at the model's own precision unless ``autocast``, whatever
+            pool_direction: as for ``LessSelector`` (the projection, ``max_length`` and
+            ``pool_direction`` must match the selector that reuses the features). Capture runs at the model's own precision unless ``autocast``, whatever
             mixed precision the training uses.
         tokenizer: defaults to the Trainer's ``processing_class``.
         shard_rows: pool rows per store shard (the unit of resumption and of the progress bar).
