@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tokens", type=int, default=128, help="tokens per example (half prompt, half completion)")
     p.add_argument("--dim", type=int, default=8192)
+    p.add_argument("--proj-kind", default="sparse", choices=["sparse", "rademacher", "gaussian"],
+                   help="hf-less's projection in (a) (the default since issue 14: sparse)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
     p.add_argument("--ref-examples", type=int, default=16, help="(c): 16 = one reference projector call")
@@ -211,7 +213,8 @@ def memory_child(args) -> None:
     from hf_less.store import FeatureStore
 
     model, tok = load_lora_model(args)
-    featurizer = Featurizer(model, tok, args.dim, batch_size=args.batch_size, show_progress=False,
+    featurizer = Featurizer(model, tok, args.dim, proj_kind=args.proj_kind, batch_size=args.batch_size,
+                            show_progress=False,
                             projection_buffer_bytes=args.mem_buffer_mb * 2**20)
     moments = random_moments(featurizer.grads)
     reset_peak_rss()
@@ -229,7 +232,7 @@ def memory_child(args) -> None:
 def memory_run(args, n: int) -> dict:
     cmd = [sys.executable, __file__, "--_memory-child", str(n), "--dim", str(args.dim), "--tokens", str(args.tokens),
            "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--rank", str(args.rank),
-           "--mem-buffer-mb", str(args.mem_buffer_mb)]
+           "--mem-buffer-mb", str(args.mem_buffer_mb), "--proj-kind", args.proj_kind]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -303,9 +306,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     t0 = time.time()
     model, tok = load_lora_model(args)
-    featurizer = Featurizer(model, tok, args.dim, batch_size=args.batch_size, show_progress=False)
+    featurizer = Featurizer(model, tok, args.dim, proj_kind=args.proj_kind, batch_size=args.batch_size,
+                            show_progress=False)
     P = featurizer.grads.dim
     print(f"model SmolLM2-135M-Instruct ({args.dtype}), LoRA r={args.rank} q/k/v/o: P={P:,} LoRA parameters, "
+          f"{args.proj_kind} projection, "
           f"{args.tokens}-token examples, d={args.dim}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
     pool = make_examples(args.examples, args.tokens, len(tok))
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
