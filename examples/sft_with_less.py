@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,13 @@ def main():
                           "first": trainer.selected_indices[:10], "output_dir": args.output_dir}))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # nobody tears down while another process still talks
+        if torch.distributed.get_backend() == "gloo":
+            # gloo's teardown can hang (pytorch/pytorch#75097) or abort in interpreter finalization
+            # ("terminate called without an active exception") after every result is saved: leave
+            # without finalization, as the torchrun test scripts do (tests/scripts/teardown.py).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         torch.distributed.destroy_process_group()
 
 
