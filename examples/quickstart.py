@@ -16,7 +16,7 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from hf_less import LessCallback, LessSelector
-from hf_less.models import load_model_and_tokenizer
+from hf_less.cli.models import load_model_and_tokenizer
 
 TASKS = {
     "add": lambda r: (f"What is {(a := r.randint(10, 99))} plus {(b := r.randint(10, 99))}?", f"{a + b}"),

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 from trl import ModelConfig, get_peft_config
 
 from hf_less import LessSFTConfig, LessSFTTrainer
-from hf_less.models import DEFAULT_MODEL, load_model_and_tokenizer
+from hf_less.cli.models import DEFAULT_MODEL, load_model_and_tokenizer
 
 
 @dataclass

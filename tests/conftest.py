@@ -106,8 +106,8 @@ def toy_tasks(n_per_task: int = 8, seed: int = 0):
 
 def write_fake_warmup(root, tokenizer, steps=(3, 6)):
     """LESS checkpoints ``root/checkpoint-S`` with distinct adapters and random Adam moments; returns ``root``."""
-    from hf_less.checkpoints import save_less_state
-    from hf_less.features import AdamMoments, parameter_key
+    from hf_less.gradients.state import save_less_state
+    from hf_less.gradients.per_example import AdamMoments, parameter_key
 
     for i, step in enumerate(steps):
         lora = make_lora_model(tokenizer, seed=i)

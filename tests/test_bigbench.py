@@ -8,8 +8,8 @@ import tarfile
 
 import pytest
 
-from hf_less import bigbench
-from hf_less.bigbench import (
+from hf_less.cli import bigbench
+from hf_less.cli.bigbench import (
     BigBenchArchive, BigBenchConfig, BigBenchError, UnknownTaskError, convert_example, load_bigbench,
 )
 

@@ -8,9 +8,9 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
 
 from hf_less import LessCallback
-from hf_less.checkpoints import find_checkpoints, load_moments
+from hf_less.gradients.state import find_checkpoints, load_moments
 from hf_less.data import collate, encode_batch
-from hf_less.features import parameter_key
+from hf_less.gradients.per_example import parameter_key
 
 from .conftest import lora_config, make_lora_model, make_model, toy_tasks
 

@@ -7,8 +7,8 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from hf_less import LessCallback, LessSelector
-from hf_less.checkpoints import find_checkpoints
-from hf_less.store import FeatureStore, IncompatibleFeaturesError
+from hf_less.gradients.state import find_checkpoints
+from hf_less.gradients.store import FeatureStore, IncompatibleFeaturesError
 
 from .conftest import make_model, run_warmup, toy_tasks
 

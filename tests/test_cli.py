@@ -9,8 +9,8 @@ from dataclasses import fields
 import pytest
 
 from hf_less import cli
-from hf_less.report import RunLayout
-from hf_less.selection import load_selection
+from hf_less.cli.report import RunLayout
+from hf_less.selection.record import load_selection
 from tests.conftest import make_model, make_tokenizer, toy_tasks
 from tests.test_bigbench import make_fake_archive
 
@@ -74,11 +74,11 @@ def test_subcommands_end_to_end(tiny, tmp_path, capsys):
     assert set(results) == {"zero-shot", "topk"} and set(results["zero-shot"]) == {"target_loss"}
     losses = {k: v["target_loss"] for k, v in results.items()}
     assert all(v > 0 for v in losses.values()) and losses["zero-shot"] != losses["topk"]
-    # the eval rows have no options: exact match, the same as hf_less.evaluation computes it directly
+    # the eval rows have no options: exact match, the same as hf_less.evaluation.metrics computes it directly
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_less.evaluation import exact_match
+    from hf_less.evaluation.metrics import exact_match
 
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "model"), layout.train / "topk")
     rows = [json.loads(line) for line in (tiny / "eval.jsonl").read_text().splitlines()]
@@ -154,7 +154,7 @@ def test_help_documents_every_option(capsys):
 
 
 def test_demo_on_a_fake_bigbench(tiny, tmp_path, monkeypatch, capsys):
-    from hf_less import bigbench
+    from hf_less.cli import bigbench
 
     monkeypatch.setenv("HF_LESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(bigbench.ARCHIVE_ENV, str(make_fake_archive(tmp_path / "bb.tar.gz")))

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from hf_less.data import collate, encode_batch
-from hf_less.features import PerExampleGradients, eval_mode, gradient_features
+from hf_less.gradients.per_example import PerExampleGradients, eval_mode, gradient_features
 
 from .conftest import toy_tasks
 from .test_features import naive_gradient
 
-LOGGER = "hf_less.features"
+LOGGER = "hf_less.gradients.per_example"
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,10 @@ import numpy as np
 import ot
 import pytest
 
-from hf_less import distance, selectors
-from hf_less.representations import CosineSimilarity
+from hf_less.selection import distance
+
+from hf_less.selection import strategies as selectors
+from hf_less.scoring.representations import CosineSimilarity
 
 
 def features(seed=0, n=40, t=6, d=8):

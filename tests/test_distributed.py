@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_less.checkpoints import find_checkpoints, load_moments
-from hf_less.store import FeatureStore
+from hf_less.gradients.state import find_checkpoints, load_moments
+from hf_less.gradients.store import FeatureStore
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -104,7 +104,7 @@ def example_args(tmp_path, tokenizer, out, *extra):
 
 
 def test_example_under_torchrun_selects_as_one_process(tmp_path, tokenizer):
-    from hf_less.selection import load_selection
+    from hf_less.selection.record import load_selection
 
     example = Path(__file__).parents[1] / "examples" / "sft_with_less.py"
     # a warmup without captured features: the pool is featurized across the processes
@@ -122,7 +122,7 @@ def test_example_under_torchrun_selects_as_one_process(tmp_path, tokenizer):
 
 
 def test_example_under_torchrun_runs_its_own_warmup(tmp_path, tokenizer):
-    from hf_less.selection import load_selection
+    from hf_less.selection.record import load_selection
 
     example = Path(__file__).parents[1] / "examples" / "sft_with_less.py"
     torchrun(example, *example_args(tmp_path, tokenizer, tmp_path / "out", "--less_warmup_fraction", "0.5",

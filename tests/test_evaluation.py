@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from hf_less.evaluation import per_example_losses, target_loss
+from hf_less.evaluation.metrics import per_example_losses, target_loss
 from tests.conftest import make_lora_model, make_model, toy_tasks
 
 

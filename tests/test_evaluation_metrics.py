@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from hf_less.evaluation import (
+from hf_less.evaluation.metrics import (
     beside_baselines, distance_bins, distance_loss_analysis, evaluate_model, exact_match, mc_accuracy, mc_grade,
     normalize_answer, option_logliks, pir, sdf, spearman, target_loss,
 )

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hf_less.data import collate, encode_batch
-from hf_less.features import (AdamMoments, PerExampleGradients, adam_direction, eval_mode,
+from hf_less.gradients.per_example import (AdamMoments, PerExampleGradients, adam_direction, eval_mode,
                               gradient_features, parameter_key, per_example_loss)
-from hf_less.projection import make_projector
+from hf_less.gradients.projection import make_projector
 
 from .conftest import make_lora_model, toy_tasks
 
@@ -152,7 +152,7 @@ def test_no_param_grad_is_written(lora_model, tokenizer, encoded):
 
 
 def test_lm_head_at_scored_positions_only_changes_nothing(lora_model, tokenizer, encoded):
-    from hf_less.features import scored_positions
+    from hf_less.gradients.per_example import scored_positions
 
     labels = torch.tensor([[-100, -100, 5, 6], [-100, 3, -100, -100]])
     assert scored_positions(labels).tolist() == [0, 1, 2]
@@ -169,7 +169,7 @@ def test_lm_head_at_scored_positions_only_changes_nothing(lora_model, tokenizer,
 def test_autocast_is_off_on_cpu():
     import contextlib
 
-    from hf_less.features import autocast_context
+    from hf_less.gradients.per_example import autocast_context
 
     assert isinstance(autocast_context(torch.device("cpu")), contextlib.nullcontext)
 
@@ -177,7 +177,7 @@ def test_autocast_is_off_on_cpu():
 @pytest.mark.parametrize("kind,buffer_rows", [("rademacher", 1), ("rademacher", 100), ("sparse", 100)])
 def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, kind, buffer_rows):
     """Buffered units, one-by-one projection and the naive per-example loop agree, for each kind."""
-    from hf_less.featurizer import Featurizer
+    from hf_less.gradients.featurizer import Featurizer
 
     from .test_projection import dense_matrix
 
@@ -200,7 +200,7 @@ def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, 
 # -- precision and batch size options --------------------------------------------------------------
 
 def test_autocast_is_an_explicit_option_off_by_default(lora_model, tokenizer, encoded):
-    from hf_less.featurizer import Featurizer
+    from hf_less.gradients.featurizer import Featurizer
 
     assert Featurizer(lora_model, tokenizer, 64, show_progress=False).grads.autocast is False
     exact = Featurizer(lora_model, tokenizer, None, show_progress=False)
@@ -222,7 +222,7 @@ def test_config_options_reach_the_featurizer_arguments(tmp_path):
 
 
 def test_find_batch_size_halves_on_out_of_memory_only():
-    from hf_less.featurizer import find_batch_size
+    from hf_less.gradients.featurizer import find_batch_size
 
     tried = []
 
@@ -239,7 +239,7 @@ def test_find_batch_size_halves_on_out_of_memory_only():
 
 
 def test_auto_batch_size_on_a_cpu_is_the_cpu_default(lora_model, tokenizer, encoded):
-    from hf_less.featurizer import CPU_BATCH_SIZE, Featurizer
+    from hf_less.gradients.featurizer import CPU_BATCH_SIZE, Featurizer
 
     auto = Featurizer(lora_model, tokenizer, 64, batch_size="auto", show_progress=False)
     fixed = Featurizer(lora_model, tokenizer, 64, batch_size=CPU_BATCH_SIZE, show_progress=False)
@@ -252,7 +252,7 @@ def test_auto_batch_size_on_a_cpu_is_the_cpu_default(lora_model, tokenizer, enco
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_features_match_the_cpu_with_auto_batch_size(tokenizer, encoded):
-    from hf_less.featurizer import Featurizer
+    from hf_less.gradients.featurizer import Featurizer
 
     model = make_lora_model(tokenizer)
     grads = PerExampleGradients(model)
@@ -268,8 +268,8 @@ def test_cuda_features_match_the_cpu_with_auto_batch_size(tokenizer, encoded):
 
 
 def test_pool_direction_sgd_is_the_plain_gradient(lora_model, tokenizer, encoded):
-    from hf_less.featurizer import Featurizer
-    from hf_less.store import IncompatibleFeaturesError, check_compatible
+    from hf_less.gradients.featurizer import Featurizer
+    from hf_less.gradients.store import IncompatibleFeaturesError, check_compatible
 
     grads = PerExampleGradients(lora_model)
     moments = random_moments(grads)

@@ -5,7 +5,7 @@ import math
 import pytest
 from datasets import Dataset
 
-from hf_less.filters import at_least, keep_indices, top_fraction
+from hf_less.selection.filters import at_least, keep_indices, top_fraction
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState
 
 from hf_less import LessCallback
-from hf_less.checkpoints import find_checkpoints, load_moments
-from hf_less.features import parameter_key
-from hf_less.sharded import DEEPSPEED_REFUSAL, FSDP_CAPTURE_REFUSAL, clean_name, deepspeed_enabled, fsdp_enabled
+from hf_less.gradients.state import find_checkpoints, load_moments
+from hf_less.gradients.per_example import parameter_key
+from hf_less.gradients.sharded import DEEPSPEED_REFUSAL, FSDP_CAPTURE_REFUSAL, clean_name, deepspeed_enabled, fsdp_enabled
 
 from .test_distributed import torchrun
 
@@ -178,8 +178,8 @@ def test_less_sft_trainer_with_fsdp_warms_up_then_featurizes(tmp_path, tokenizer
     featurized afterwards with an unsharded copy; it selects what the capturing (DDP) path selects."""
     import numpy as np
 
-    from hf_less.selection import load_selection
-    from hf_less.store import FeatureStore
+    from hf_less.selection.record import load_selection
+    from hf_less.gradients.store import FeatureStore
 
     from .test_distributed import example_args
 

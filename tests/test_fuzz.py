@@ -15,10 +15,10 @@ from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_less import selectors
+from hf_less.selection import strategies as selectors
 from hf_less.data import (IGNORE_INDEX, DatasetFormatError, EmptyCompletionError, collate, encode_batch,
                           empty_rows, n_scored, tokenize_example)
-from hf_less.filters import at_least, keep_indices, top_fraction
+from hf_less.selection.filters import at_least, keep_indices, top_fraction
 
 from .conftest import make_tokenizer
 

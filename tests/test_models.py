@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_less import models
+from hf_less.cli import models
 
 
 def test_default_model_loads_and_cache_matches_gguf(tmp_path, monkeypatch):

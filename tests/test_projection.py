@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_less.projection import (BLOCK_ROWS, MATRIX_VERSIONS, RandomProjector, SparseProjector, make_projector,
+from hf_less.gradients.projection import (BLOCK_ROWS, MATRIX_VERSIONS, RandomProjector, SparseProjector, make_projector,
                                 projection_block)
 
 M32 = 0xFFFFFFFF
@@ -88,7 +88,7 @@ def test_rademacher_bits_follow_the_documented_hash():
 
 
 def test_rademacher_rows_do_not_depend_on_the_request():
-    from hf_less.projection import rademacher_words
+    from hf_less.gradients.projection import rademacher_words
 
     whole = rademacher_words(7, 4000, 300, 200)
     assert torch.equal(rademacher_words(7, 4100, 10, 200), whole[100:110])
@@ -112,7 +112,7 @@ def test_rademacher_columns_are_nearly_orthogonal():
 
 
 def test_sparse_bits_follow_the_documented_hash_and_each_coordinate_has_unit_norm():
-    from hf_less.projection import sparse_targets
+    from hf_less.gradients.projection import sparse_targets
 
     P, d, nnz = 300, 40, 4
     S = py_sparse_matrix(P, d, 9, nnz)
@@ -125,7 +125,7 @@ def test_sparse_bits_follow_the_documented_hash_and_each_coordinate_has_unit_nor
 
 
 def test_sparse_slices_cover_every_output_coordinate():
-    from hf_less.projection import sparse_slices
+    from hf_less.gradients.projection import sparse_slices
 
     for d, s in [(8192, 4), (100, 3), (7, 7), (5, 1)]:
         cuts = sparse_slices(d, s)
@@ -212,7 +212,7 @@ def test_bad_arguments():
 
 
 def test_packed_rademacher_is_balanced_and_independent_of_dtype():
-    from hf_less.projection import expand_signs, rademacher_words
+    from hf_less.gradients.projection import expand_signs, rademacher_words
 
     full = projection_block("rademacher", 5, 2, BLOCK_ROWS, 100)
     assert set(full.unique().tolist()) == {-1.0, 1.0}
@@ -230,7 +230,7 @@ def test_packed_rademacher_is_balanced_and_independent_of_dtype():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_generators_give_the_same_bits_on_the_gpu():
-    from hf_less.projection import sparse_targets
+    from hf_less.gradients.projection import sparse_targets
 
     for kind in ("rademacher", "gaussian"):
         cpu = projection_block(kind, 1, 3, 500, 64)
@@ -252,7 +252,7 @@ def test_identity_names_the_generation_version():
 
 
 def test_features_of_an_older_generator_are_refused_with_recompute():
-    from hf_less.store import IncompatibleFeaturesError, check_compatible
+    from hf_less.gradients.store import IncompatibleFeaturesError, check_compatible
 
     new = {"projection": RandomProjector(10, 4).identity, "dim": 4}
     old = {"projection": {**new["projection"], "version": 2}, "dim": 4}
@@ -267,8 +267,8 @@ def test_default_kind_is_sparse_everywhere():
 
     from hf_less import LessCallback, LessSelector, LessSFTConfig
     from hf_less.cli import FeaturizeArguments
-    from hf_less.featurizer import Featurizer
-    from hf_less.projection import DEFAULT_KIND
+    from hf_less.gradients.featurizer import Featurizer
+    from hf_less.gradients.projection import DEFAULT_KIND
 
     assert DEFAULT_KIND == "sparse"
     for fn in (LessSelector.__init__, LessCallback.__init__, Featurizer.__init__):
@@ -289,7 +289,7 @@ def gradient_like(rows, P, seed=0):
 
 
 def test_auto_precision():
-    from hf_less.projection import AUTO_BF16_ENTRIES
+    from hf_less.gradients.projection import AUTO_BF16_ENTRIES
 
     assert RandomProjector(5000, 256).precision == "float32"  # small: exact
     assert RandomProjector(AUTO_BF16_ENTRIES // 8192, 8192).compute_dtype == torch.bfloat16

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from hf_less.quality import (
+from hf_less.evaluation.quality import (
     JUDGE_SYSTEM, RATINGS, AlpaGasusScorer, IFDScorer, JudgeRequestError, JudgeResponseError, LocalJudge, OpenAIJudge,
     SuperfilteringScorer, expected_rating, ifd_order, judge_prompt, parse_score, select_by_ifd, select_by_rating,
 )

@@ -21,8 +21,8 @@ from datasets import Dataset
 
 from hf_less import LessSelector, LessSFTConfig, LessSFTTrainer, selectors
 from hf_less.data import DatasetFormatError, EmptyCompletionError, encode_batch, pad_token_id
-from hf_less.featurizer import Featurizer, NonFiniteFeatureError
-from hf_less.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
+from hf_less.gradients.featurizer import Featurizer, NonFiniteFeatureError
+from hf_less.gradients.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
 
 from .conftest import make_lora_model, make_model, toy_tasks, write_fake_warmup
 
@@ -203,7 +203,7 @@ def test_disk_full_mid_run_leaves_a_consistent_store_that_resumes(sel, reference
 
 
 def test_same_seed_same_warmup_subset(tokenizer, tmp_path, monkeypatch):
-    import hf_less.trainer as trainer_module
+    import hf_less.training.trainer as trainer_module
 
     class Stop(Exception):
         pass
@@ -421,7 +421,7 @@ def test_targets_in_the_pool_warn(sel, tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads fd paths from /proc")
 def test_atomic_write_syncs_the_file_then_the_rename(tmp_path, monkeypatch):
-    from hf_less import checkpoints
+    from hf_less.utils import io
 
     synced, real = [], os.fsync
 
@@ -429,9 +429,9 @@ def test_atomic_write_syncs_the_file_then_the_rename(tmp_path, monkeypatch):
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real(fd)
 
-    monkeypatch.setattr(checkpoints.os, "fsync", spy)
+    monkeypatch.setattr(io.os, "fsync", spy)
     target = tmp_path / "manifest.json"
-    checkpoints.atomic_write_json(target, {"shards": 1})
+    io.atomic_write_json(target, {"shards": 1})
     assert json.loads(target.read_text()) == {"shards": 1}
     # the data under its temporary name first, then the directory that records the rename
     assert len(synced) == 2 and Path(synced[0]).name.startswith(".manifest.json.") and synced[1] == str(tmp_path)
@@ -439,16 +439,16 @@ def test_atomic_write_syncs_the_file_then_the_rename(tmp_path, monkeypatch):
 
 
 def test_a_failed_atomic_write_keeps_the_old_content_and_no_temporary_file(tmp_path, monkeypatch):
-    from hf_less import checkpoints
+    from hf_less.utils import io
 
     target = tmp_path / "manifest.json"
-    checkpoints.atomic_write_json(target, {"shards": 1})
+    io.atomic_write_json(target, {"shards": 1})
 
     def full_disk(*_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoints.os, "replace", full_disk)
+    monkeypatch.setattr(io.os, "replace", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        checkpoints.atomic_write_json(target, {"shards": 2})
+        io.atomic_write_json(target, {"shards": 2})
     assert json.loads(target.read_text()) == {"shards": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from hf_less.report import ReportInputs, RunLayout, composition, markdown, precision, report_from_run, write_report
-from hf_less.selection import Selection, save_selection
+from hf_less.cli.report import ReportInputs, RunLayout, composition, markdown, precision, report_from_run, write_report
+from hf_less.selection.record import Selection, save_selection
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_less import selectors
+from hf_less.selection import strategies as selectors
 from hf_less.data import encode_batch
-from hf_less.representations import (CosineSimilarity, RepresentationSelector, example_texts, pairwise_cosine,
+from hf_less.scoring.representations import (CosineSimilarity, RepresentationSelector, example_texts, pairwise_cosine,
                                      position_weighted_mean, position_weights, random_features)
 
 from .conftest import make_model, toy_tasks

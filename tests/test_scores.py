@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_less.scores import less_score, normalize, subtask_index, weighted_sims
+from hf_less.scoring.similarity import less_score, normalize, subtask_index, weighted_sims
 
 
 def naive_cos(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from hf_less.selection import SCORES_FILE, SELECTION_FILE, Selection, load_pool_scores, load_selection, save_selection
+from hf_less.selection.record import SCORES_FILE, SELECTION_FILE, Selection, load_pool_scores, load_selection, save_selection
 
 
 def test_round_trip_keeps_every_field(tmp_path):

@@ -11,8 +11,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from hf_less import LessCallback, LessSelector
-from hf_less.projection import DEFAULT_KIND
-from hf_less.store import IncompatibleFeaturesError
+from hf_less.gradients.projection import DEFAULT_KIND
+from hf_less.gradients.store import IncompatibleFeaturesError
 
 from .conftest import lora_config, make_model, toy_tasks
 from .test_features import naive_adam, naive_gradient
@@ -230,7 +230,7 @@ def test_every_dataset_format_scores(tokenizer, warmup, pool, targets):
         assert sims.shape == base.shape and np.isfinite(sims).all() and np.abs(sims).max() <= 1 + 1e-5
 
 
-@pytest.mark.parametrize("strategy", __import__("hf_less.selectors", fromlist=["STRATEGIES"]).STRATEGIES)
+@pytest.mark.parametrize("strategy", __import__("hf_less.selection.strategies", fromlist=["STRATEGIES"]).STRATEGIES)
 def test_filter_fn_keeps_the_rows_select_keeps(tokenizer, warmup, pool, targets, strategy):
     selector = make_selector(tokenizer, warmup, targets, proj_dim=64)
     scored = pool.map(selector, batched=True, batch_size=6)

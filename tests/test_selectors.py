@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_less import selectors
-from hf_less.representations import CosineSimilarity
+from hf_less.selection import strategies as selectors
+from hf_less.scoring.representations import CosineSimilarity
 
 
 def rand_sims(n, t, seed=0):

@@ -7,10 +7,10 @@ import pytest
 from datasets import Dataset, IterableDataset
 
 from hf_less import LessCallback, LessSelector
-from hf_less.checkpoints import find_checkpoints
+from hf_less.gradients.state import find_checkpoints
 from hf_less.data import EmptyCompletionError
-from hf_less.featurizer import Featurizer, content_key
-from hf_less.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
+from hf_less.gradients.featurizer import Featurizer, content_key
+from hf_less.gradients.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
 
 from .conftest import make_model, run_warmup, toy_tasks, write_fake_warmup
 

@@ -7,8 +7,8 @@ from datasets import Dataset
 from transformers import HfArgumentParser, TrainerCallback
 
 from hf_less import LessSelector, LessSFTConfig, LessSFTTrainer
-from hf_less.checkpoints import find_checkpoints
-from hf_less.selection import load_pool_scores, load_selection
+from hf_less.gradients.state import find_checkpoints
+from hf_less.selection.record import load_pool_scores, load_selection
 
 from .conftest import lora_config, make_model, toy_tasks
 
@@ -78,7 +78,7 @@ def test_config_refuses_bad_values(tmp_path, kw, message):
 
 def test_config_budget_is_the_selectors_convention(tmp_path):
     """1 is one example and 1.0 the whole pool, from Python and from the command line alike (issue 15)."""
-    from hf_less import selectors
+    from hf_less.selection import strategies as selectors
 
     parse = lambda text: HfArgumentParser(LessSFTConfig).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--use_cpu", "true", "--less_budget", text])[0].less_budget_value

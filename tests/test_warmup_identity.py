@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from hf_less import LessCallback, LessSelector, LessSFTTrainer
-from hf_less.representations import RepresentationSelector
-from hf_less.checkpoints import RUN_FILE, find_checkpoints
-from hf_less.selection import load_pool_scores, load_selection
-from hf_less.trainer import warmup_lr_factor
+from hf_less.scoring.representations import RepresentationSelector
+from hf_less.gradients.state import RUN_FILE, find_checkpoints
+from hf_less.selection.record import load_pool_scores, load_selection
+from hf_less.training.trainer import warmup_lr_factor
 
 from .conftest import lora_config, make_lora_model, make_model, make_tokenizer
 from .test_callback import collator, tokenized_dataset
@@ -90,7 +90,7 @@ def test_a_rerun_with_fewer_epochs_restarts_the_warmup(warm, tmp_path, tokenizer
     out = tmp_path / "out"
     shutil.copytree(warm, out)
     assert [c.step for c in find_checkpoints(out / "less_warmup")] == [2, 4]
-    with caplog.at_level(logging.WARNING, logger="hf_less.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_less.training.trainer"):
         rerun = trainer_for(out, tokenizer, less_warmup_epochs=1)
         rerun.select_data()
     restart = [r.getMessage() for r in caplog.records if "Restarting the LESS warmup" in r.getMessage()]

@@ -90,8 +90,8 @@ def tiny_warmup(root: Path, tok):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_less.checkpoints import save_less_state
-    from hf_less.features import AdamMoments, parameter_key
+    from hf_less.gradients.state import save_less_state
+    from hf_less.gradients.per_example import AdamMoments, parameter_key
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,

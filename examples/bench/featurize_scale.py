@@ -149,7 +149,7 @@ def sync(device: torch.device) -> None:
 
 def adam_moments(model, optimizer, keys):
     """The optimizer's moments keyed as the featurizer keys parameters (after one training pass)."""
-    from hf_less.features import AdamMoments
+    from hf_less.gradients.per_example import AdamMoments
 
     params = [p for p in model.parameters() if p.requires_grad]
     m = {k: optimizer.state[p]["exp_avg"].detach().clone() for k, p in zip(keys, params)}
@@ -196,7 +196,7 @@ def agreement(model, pool, moments, args) -> list[dict]:
     Pool features are Adam directions, targets (8 other examples) plain gradients, as in LESS; the
     score is the mean similarity over the targets and the selection its top 25%.
     """
-    from hf_less.featurizer import Featurizer
+    from hf_less.gradients.featurizer import Featurizer
 
     targets = make_examples(8, args.tokens, args.vocab, seed=2)
     k = max(1, len(pool) // 4)
@@ -226,7 +226,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def measure_depth(args, layers: int, device: torch.device) -> list[dict]:
-    from hf_less.featurizer import Featurizer
+    from hf_less.gradients.featurizer import Featurizer
 
     model = build_model(args, layers, device)
     pool = make_examples(args.examples, args.tokens, args.vocab)

@@ -79,7 +79,7 @@ def parse_args(argv=None):
 def load_lora_model(args):
     from peft import LoraConfig, get_peft_model
 
-    from hf_less.models import load_model_and_tokenizer
+    from hf_less.cli.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(dtype=getattr(torch, args.dtype))
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -105,7 +105,7 @@ def make_examples(n: int, tokens: int, vocab: int, seed: int = 0) -> list[tuple[
 
 
 def random_moments(grads, seed: int = 1):
-    from hf_less.features import AdamMoments
+    from hf_less.gradients.per_example import AdamMoments
 
     g = torch.Generator().manual_seed(seed)
     m = {k: torch.randn(p.shape, generator=g) * 1e-4 for k, (_, p) in zip(grads.keys, grads.params)}
@@ -209,8 +209,8 @@ def timed_projection(featurizer, acc: dict):
 
 def memory_child(args) -> None:
     """Featurize ``args._memory_child`` examples into a feature store; print peak RSS as JSON."""
-    from hf_less.featurizer import Featurizer
-    from hf_less.store import FeatureStore
+    from hf_less.gradients.featurizer import Featurizer
+    from hf_less.gradients.store import FeatureStore
 
     model, tok = load_lora_model(args)
     featurizer = Featurizer(model, tok, args.dim, proj_kind=args.proj_kind, batch_size=args.batch_size,
@@ -240,8 +240,8 @@ def memory_run(args, n: int) -> dict:
 # -- (e) scoring ---------------------------------------------------------------------------------
 
 def scoring(rows: int, targets: int, dim: int, precision: str = "float32") -> dict:
-    from hf_less.scores import less_score, weighted_sims
-    from hf_less.store import FeatureStore
+    from hf_less.scoring.similarity import less_score, weighted_sims
+    from hf_less.gradients.store import FeatureStore
 
     g = torch.Generator().manual_seed(3)
     tgt = torch.nn.functional.normalize(torch.randn(targets, dim, generator=g), dim=1)
@@ -300,8 +300,8 @@ def main(argv=None) -> dict:
         if args.json:
             args.json.write_text(json.dumps(res, indent=2))
         return res
-    from hf_less.featurizer import Featurizer
-    from hf_less.features import AdamMoments
+    from hf_less.gradients.featurizer import Featurizer
+    from hf_less.gradients.per_example import AdamMoments
 
     torch.manual_seed(0)
     t0 = time.time()

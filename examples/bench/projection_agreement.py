@@ -53,8 +53,8 @@ def warmed_model(rows, tokenizer, model, steps: int):
     """LoRA r=8 on q/k/v/o after ``steps`` AdamW steps on the pool: real adapters and moments."""
     from peft import LoraConfig, get_peft_model
 
-    from hf_less.featurizer import Featurizer
-    from hf_less.features import AdamMoments
+    from hf_less.gradients.featurizer import Featurizer
+    from hf_less.gradients.per_example import AdamMoments
 
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -76,8 +76,8 @@ def warmed_model(rows, tokenizer, model, steps: int):
 
 
 def main(argv=None) -> dict:
-    from hf_less.featurizer import Featurizer
-    from hf_less.models import load_model_and_tokenizer
+    from hf_less.gradients.featurizer import Featurizer
+    from hf_less.cli.models import load_model_and_tokenizer
 
     args = parse_args(argv)
     t0 = time.time()

@@ -14,7 +14,7 @@ the captured pool features and the rds / embedding / IFD scores are computed onc
 target, and the target-independent selections (full pool, random, IFD) are trained once and evaluated on
 every target. Beside the table it writes a win table (beats random beyond the seed spread; LESS-RR
 against the best cheap representation), the target-independence overlap of each representation's top-k
-selections (:func:`hf_less.distance.selection_overlap`) and each representation's scoring cost.
+selections (:func:`hf_less.selection.distance.selection_overlap`) and each representation's scoring cost.
 ``--quick`` is a small configuration (3 targets, 5%, one training seed, 2 random seeds, 4 examples per
 task, a 1-epoch warmup: about 30 minutes on 2 CPU cores). See docs/selection_quality.md.
 
@@ -43,13 +43,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_less import selectors
-from hf_less.bigbench import BigBenchConfig, load_bigbench
-from hf_less.checkpoints import atomic_write_json
+from hf_less.selection import strategies as selectors
+from hf_less.cli.bigbench import BigBenchConfig, load_bigbench
+from hf_less.utils.io import atomic_write_json
 from hf_less.cli import text_only
 from hf_less.data import collate, encode_batch, pad_token_id
-from hf_less.evaluation import evaluate_model, sdf
-from hf_less.models import load_model_and_tokenizer
+from hf_less.evaluation.metrics import evaluate_model, sdf
+from hf_less.cli.models import load_model_and_tokenizer
 
 METHODS = ("zero-shot", "random", "full pool", "LESS-topk", "LESS-round_robin", "LESS-uot", "rds-round_robin",
            "embedding-round_robin", "IFD")
@@ -109,8 +109,8 @@ def compute_scores(base, tokenizer, splits, out: Path, args) -> dict[str, np.nda
     """LESS (warmup + gradient features), rds, embedding and IFD scores of the pool, cached in OUT."""
 
     from hf_less import LessSelector
-    from hf_less.representations import RepresentationSelector
-    from hf_less.quality import IFDScorer
+    from hf_less.scoring.representations import RepresentationSelector
+    from hf_less.evaluation.quality import IFDScorer
 
     target = splits.config.target_task.replace(":", "_")
     cache = out / f"scores_{target}.npz"
@@ -141,7 +141,7 @@ def select(method: str, k: int, seed: int, scores: dict[str, np.ndarray], n: int
     if method == "full pool":
         return list(range(n))
     if method == "IFD":
-        from hf_less.quality import ifd_order
+        from hf_less.evaluation.quality import ifd_order
 
         return ifd_order(scores["ifd"].tolist())[:k]
     rep, strategy = method.split("-", 1)
@@ -254,7 +254,7 @@ def transfer_splits(tokenizer, args):
     pool's tasks are the first ``--pool_tasks`` of a fixed shuffle of ALL task names that are neither
     excluded nor too small, so pools that exclude different targets share most of their tasks.
     """
-    from hf_less.bigbench import BigBenchArchive, _dataset, _shuffled, task_examples
+    from hf_less.cli.bigbench import BigBenchArchive, _dataset, _shuffled, task_examples
 
     bb = BigBenchArchive()
     targets = list(args.targets)
@@ -291,8 +291,8 @@ def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dic
     """
 
     from hf_less import LessSelector
-    from hf_less.quality import IFDScorer
-    from hf_less.representations import RepresentationSelector
+    from hf_less.evaluation.quality import IFDScorer
+    from hf_less.scoring.representations import RepresentationSelector
 
     cache = out / "transfer_scores.npz"
     digest = pool_digest(pool)
@@ -350,7 +350,7 @@ def target_scores(features: dict[str, np.ndarray], target: str) -> dict[str, np.
 
 def overlap_table(features: dict[str, np.ndarray], targets: list[str], budgets: list[float], n: int) -> str:
     """Target-independence: mean pairwise overlap of the top-k (by score) selections of the target tasks."""
-    from hf_less.distance import selection_overlap
+    from hf_less.selection.distance import selection_overlap
 
     lines = ["Target independence: mean pairwise overlap |A ∩ B| / k of the top-k selections made for "
              f"different targets ({len(targets)} targets, {len(targets) * (len(targets) - 1) // 2} pairs) from "

@@ -1,7 +1,7 @@
 """Selection time and peak memory of every strategy on synthetic pools (10^5 and 10^6 candidates x 500 targets).
 
 The pool-by-target cosine is never materialised: it is a lazy
-:class:`hf_less.representations.CosineSimilarity` over synthetic ``(N, d)`` features (a mixture
+:class:`hf_less.scoring.representations.CosineSimilarity` over synthetic ``(N, d)`` features (a mixture
 of clusters; the targets sit around a few of them, as a task's examples do), read in row chunks
 by every selector, exactly as a memory-mapped ``less_sims`` matrix would be. Each (pool size,
 strategy) runs in a fresh subprocess; "extra" memory is the peak resident memory of the
@@ -60,8 +60,8 @@ def run_one(n: int, t: int, strategy: str, budget: float, dim: int, clusters: in
     import numpy as np
     import torch
 
-    from hf_less import selectors
-    from hf_less.representations import CosineSimilarity
+    from hf_less.selection import strategies as selectors
+    from hf_less.scoring.representations import CosineSimilarity
 
     torch.set_num_threads(os.cpu_count() or 1)
     pool, targets = synthetic(n, t, dim, clusters)

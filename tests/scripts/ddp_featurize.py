@@ -12,7 +12,7 @@ from datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from hf_less import LessCallback, LessSelector  # noqa: E402
-from hf_less.featurizer import Featurizer  # noqa: E402
+from hf_less.gradients.featurizer import Featurizer  # noqa: E402
 from tests.conftest import make_lora_model, make_model, make_tokenizer, toy_tasks  # noqa: E402
 from teardown import finish  # noqa: E402
 
@@ -21,7 +21,7 @@ TARGETS = [r for r in toy_tasks(3, seed=5) if r["task"] == "math"]
 
 
 def random_moments(grads, seed=0):
-    from hf_less.features import AdamMoments
+    from hf_less.gradients.per_example import AdamMoments
 
     g = torch.Generator().manual_seed(seed)
     m = {k: torch.randn(p.shape, generator=g) * 1e-3 for k, (_, p) in zip(grads.keys, grads.params)}

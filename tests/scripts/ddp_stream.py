@@ -19,7 +19,7 @@ from datasets import Dataset, IterableDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from hf_less import LessSelector  # noqa: E402
-from hf_less.store import MANIFEST_FILE, IncompatibleFeaturesError  # noqa: E402
+from hf_less.gradients.store import MANIFEST_FILE, IncompatibleFeaturesError  # noqa: E402
 from tests.conftest import make_model, make_tokenizer, toy_tasks  # noqa: E402
 from teardown import finish  # noqa: E402
 

@@ -33,7 +33,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_less import LessSelector
-    from hf_less.featurizer import Featurizer
+    from hf_less.gradients.featurizer import Featurizer
 
     if args.slow:
         call = Featurizer.__call__

@@ -49,7 +49,7 @@ def main(mode, out):
     trainer.train()
     if mode == "trainer-fsdp":
         # what the Trainer did with the model on CPU (not sharded: see the module docstring) that the run was sharded: each rank's local piece of each trainable parameter
-        from hf_less.sharded import fsdp_version
+        from hf_less.gradients.sharded import fsdp_version
 
         local = {n: list(getattr(q, "_local_tensor", q).shape) for n, q in trainer.model.named_parameters()
                  if q.requires_grad}
@@ -93,8 +93,8 @@ def save_adapter(model, reference, ckpt, rank):
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from hf_less.features import parameter_key
-    from hf_less.sharded import clean_name
+    from hf_less.gradients.per_example import parameter_key
+    from hf_less.gradients.sharded import clean_name
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # a collective
     if rank == 0:
@@ -112,8 +112,8 @@ def sharded(out):
     from safetensors.torch import save_file
     from transformers import TrainerState
 
-    from hf_less.features import parameter_key
-    from hf_less.sharded import fsdp_version
+    from hf_less.gradients.per_example import parameter_key
+    from hf_less.gradients.sharded import fsdp_version
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

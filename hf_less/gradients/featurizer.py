@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
-from .data import check_on_empty, collate, detect_format, encode_batch, pad_token_id, padding_side
-from .features import AdamMoments, PerExampleGradients, batch_order, eval_mode, gradient_features
-from .identity import weights_digest
+from ..data import check_on_empty, collate, detect_format, encode_batch, pad_token_id, padding_side
+from ..scoring.similarity import normalize
+from ..utils import distributed
+from ..utils.identity import weights_digest
+from .per_example import AdamMoments, PerExampleGradients, batch_order, eval_mode, gradient_features
 from .projection import DEFAULT_KIND, make_projector
-from .scores import normalize
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Featurizer:
         model: the model whose trainable parameters are featurized (usually a ``PeftModel``).
         tokenizer: turns text formats into ids; ``None`` for pre-tokenized data.
         proj_dim: d of the random projection; ``None`` keeps the exact P-dimensional gradients.
-        proj_kind, proj_seed: the projection (see :mod:`hf_less.projection`; ``"sparse"`` by default,
+        proj_kind, proj_seed: the projection (see :mod:`hf_less.gradients.projection`; ``"sparse"`` by default,
             ``"rademacher"`` is the reference's dense matrix).
         max_length: truncation length in tokens.
         batch_size: examples per forward/backward pass, or ``"auto"``: on CUDA the largest size from

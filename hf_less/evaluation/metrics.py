@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate, detect_format, encode_batch, pad_token_id, padding_side
-from .featurizer import Encoded, rows_of
-from .features import eval_mode, per_example_loss, token_nll
+from ..data import collate, detect_format, encode_batch, pad_token_id, padding_side
+from ..gradients.featurizer import Encoded, rows_of
+from ..gradients.per_example import eval_mode, per_example_loss, token_nll
 
 
 def _columns(dataset: Any, start: int, stop: int) -> dict[str, list]:
@@ -100,7 +100,7 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
 
 def option_completion(prompt: str, option: str) -> str:
-    """An option as a completion, joined to the prompt the way :mod:`hf_less.bigbench` joins its targets."""
+    """An option as a completion, joined to the prompt the way :mod:`hf_less.cli.bigbench` joins its targets."""
     option = str(option).strip()
     return option if prompt.endswith((" ", "\n")) else " " + option
 
@@ -319,7 +319,7 @@ def distance_loss_analysis(ordering: Sequence[int], distance: Callable[[list[int
     """Does a subset's distance to the targets predict the target loss after training on it?
 
     Splits ``ordering`` into bins (:func:`distance_bins`), measures each bin's ``distance`` (e.g.
-    ``lambda rows: hf_less.distance.coverage_distance(rows, sims=sims)``), trains on each bin with
+    ``lambda rows: hf_less.selection.distance.coverage_distance(rows, sims=sims)``), trains on each bin with
     ``train_and_evaluate(rows) -> target loss``, and returns the per-bin values and the Spearman
     correlation of distance with loss (positive: farther subsets give higher loss, as LESS assumes).
     """

@@ -176,7 +176,10 @@ PANELS = {"scores.png": _plot_scores, "composition.png": _plot_composition,
 
 def write_plots(inputs: ReportInputs, out_dir: str | os.PathLike) -> list[Path]:
     """Write every plot the inputs allow; returns the written paths (``summary.png`` first)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError('The report plots need matplotlib: pip install "hf-less[cli]"') from e
 
     matplotlib.use("Agg", force=True)  # files only: works without a display
     import matplotlib.pyplot as plt
@@ -299,7 +302,7 @@ def report_from_run(run_dir: str | os.PathLike, task_column: str = "task") -> Re
     """Gather a run's pool, selections, scores, losses, settings and timings into :class:`ReportInputs`."""
     from datasets import load_from_disk
 
-    from .selection import load_pool_scores, load_selection
+    from ..selection.record import load_pool_scores, load_selection
 
     layout = RunLayout(run_dir)
     info = json.loads(layout.run_info.read_text()) if layout.run_info.exists() else {}

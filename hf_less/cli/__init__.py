@@ -8,7 +8,7 @@
     hf-less evaluate  --run_dir R [--adapter topk] [--task_metric] # target loss (+ task metric) -> R/evaluation.json
     hf-less report    --run_dir R                                # R/report/report.md + PNG plots
 
-All subcommands share a run directory (see :class:`hf_less.report.RunLayout`). The first one to
+All subcommands share a run directory (see :class:`hf_less.cli.report.RunLayout`). The first one to
 need data builds it (BIG-bench by default, or ``--dataset pool.jsonl --targets t.jsonl --eval e.jsonl``)
 into ``R/data``; later ones reuse it. ``hf-less <command> --help`` documents every option.
 """
@@ -30,10 +30,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .checkpoints import atomic_write_json
-from .projection import DEFAULT_KIND
+from ..gradients.projection import DEFAULT_KIND
+from ..selection.strategies import Budget, parse_budget, resolve_budget
+from ..utils.io import atomic_write_json
 from .report import RunLayout, load_evaluation, precision, report_from_run, write_report
-from .selectors import Budget, parse_budget, resolve_budget
 
 logger = logging.getLogger("hf_less.cli")
 
@@ -128,10 +128,10 @@ class FeaturizeArguments:
 
 @dataclass
 class SelectArguments:
-    """Selection under a budget, written with hf_less.selection."""
+    """Selection under a budget, written with hf_less.selection.record."""
 
     strategy: str = field(default="topk", metadata={
-        "help": "Passed to LessSelector.select: topk (LESS), random, or any strategy hf_less.selectors offers."})
+        "help": "Passed to LessSelector.select: topk (LESS), random, or any strategy hf_less.selection.strategies offers."})
     # Budget, not float: "1" must stay the count 1, not become the fraction 1.0 (the whole pool).
     budget: Budget = field(default=0.05, metadata={
         "help": "A count of examples, digits only (1 = one example, 500), or a fraction of the pool in (0, 1] "
@@ -249,7 +249,7 @@ def _read_dataset(path: str):
 
 
 def _format_columns(dataset) -> list[str]:
-    from .data import detect_format
+    from ..data import detect_format
 
     fmt = detect_format(dataset.column_names)
     return [c for c in TEXT_COLUMNS[fmt] if c in dataset.column_names]
@@ -262,7 +262,7 @@ def text_only(dataset):
 
 def _fits(dataset, tokenizer, max_length: int, what: str):
     """Drop examples that do not fit ``max_length`` tokens whole (truncation would cut the completion)."""
-    from .data import detect_format, n_scored, tokenize_example
+    from ..data import detect_format, n_scored, tokenize_example
 
     fmt = detect_format(dataset.column_names)
     keep = []
@@ -407,7 +407,7 @@ def sft_train(model, tokenizer, dataset, output_dir: str | os.PathLike, model_ar
 
     # The warmup schedule of LessSFTTrainer (3% linear warmup whose first step has a positive LR, then linear
     # decay), the same on every supported transformers: warmup_steps=0.03 is refused before transformers 5.
-    from .trainer import _WarmupSFTTrainer
+    from ..training.trainer import _WarmupSFTTrainer
 
     steps_per_epoch = math.ceil(len(dataset) / model_args.batch_size)
     config = SFTConfig(
@@ -446,7 +446,7 @@ def _write_run_info(layout: RunLayout, **updates) -> dict:
 
 def do_warmup(model, tokenizer, rd: RunData, layout: RunLayout, model_args, warm_args: WarmupArguments, run) -> Path:
     """LoRA SFT with LessCallback on a random ``warmup_fraction`` of the pool -> RUN_DIR/warmup."""
-    from .callback import LessCallback
+    from ..training.callback import LessCallback
 
     n = max(1, round(warm_args.warmup_fraction * len(rd.pool)))
     warm = rd.pool.shuffle(seed=run.seed).select(range(n))
@@ -458,7 +458,7 @@ def do_warmup(model, tokenizer, rd: RunData, layout: RunLayout, model_args, warm
 
 
 def make_selector(base_model, tokenizer, rd: RunData, layout: RunLayout, model_args, feat: FeaturizeArguments, run):
-    from .selector import LessSelector
+    from ..scoring.less import LessSelector
 
     return LessSelector(base_model, layout.warmup, text_only(rd.targets), tokenizer=tokenizer,
                         proj_dim=feat.proj_dim or None, proj_kind=feat.proj_kind, pool_direction=feat.pool_direction,
@@ -503,10 +503,10 @@ def do_featurize(selector, rd: RunData, layout: RunLayout):
 
 
 def do_select(selector, scores, sims, rd: RunData, layout: RunLayout, sel: SelectArguments, run) -> tuple[str, list[int]]:
-    """Scores + strategy + budget -> RUN_DIR/selections/NAME/less_selection.json (hf_less.selection)."""
+    """Scores + strategy + budget -> RUN_DIR/selections/NAME/less_selection.json (hf_less.selection.record)."""
     import numpy as np
 
-    from .selection import Selection, save_selection
+    from ..selection.record import Selection, save_selection
 
     budget = parse_budget(sel.budget)
     scored = text_only(rd.pool).add_column("pool_index", list(range(len(rd.pool))))
@@ -543,7 +543,7 @@ def _resolve_selection(layout: RunLayout, selection: str) -> tuple[str, Path]:
 
 def do_train(base_model, tokenizer, rd: RunData, layout: RunLayout, model_args, tr: TrainArguments, run) -> Path:
     """LoRA SFT on a selection's rows -> RUN_DIR/train/NAME (the adapter)."""
-    from .selection import load_selection
+    from ..selection.record import load_selection
 
     name, path = _resolve_selection(layout, tr.selection)
     record = load_selection(path)
@@ -566,7 +566,7 @@ def do_evaluate(base_model, tokenizer, rd: RunData, layout: RunLayout, model_arg
     ``show_baselines`` prints the result beside the zero-shot and random results already in the
     file, the two baselines every selection is judged against (the demo prints its own summary).
     """
-    from .evaluation import target_loss, task_metric
+    from ..evaluation.metrics import target_loss, task_metric
 
     if rd.eval is None:
         raise ValueError("This run has no held-out split: give --eval PATH when the data is built (or use bigbench).")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import atomic_write_bytes, atomic_write_json
+from ..utils.io import atomic_write_bytes, atomic_write_json
 
 SELECTION_FILE = "less_selection.json"
 SCORES_FILE = "less_scores.npy"

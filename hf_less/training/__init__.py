@@ -1,0 +1,2 @@
+"""The Trainer integration: :class:`hf_less.LessCallback` (:mod:`.callback`), ``LessSFTConfig``
+(:mod:`.config`) and ``LessSFTTrainer`` (:mod:`.trainer`)."""
