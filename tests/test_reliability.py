@@ -215,7 +215,7 @@ def test_same_seed_same_warmup_subset(tokenizer, tmp_path, monkeypatch):
             seen.append(train_dataset["prompt"])
             raise Stop
 
-    monkeypatch.setattr(trainer_module, "_WarmupSFTTrainer", Recorder)
+    monkeypatch.setattr(trainer_module, "WarmupSFTTrainer", Recorder)
     pool = Dataset.from_list([{**r, "prompt": f"{i}: {r['prompt']}"} for i, r in enumerate(toy_tasks(10, seed=7))])
 
     def warmup_rows(seed, batch):

@@ -16,7 +16,7 @@ from hf_less import LessCallback, LessSelector, LessSFTTrainer
 from hf_less.scoring.representations import RepresentationSelector
 from hf_less.gradients.state import RUN_FILE, find_checkpoints
 from hf_less.selection.record import load_pool_scores, load_selection
-from hf_less.training.trainer import warmup_lr_factor
+from hf_less.training.warmup import warmup_lr_factor
 
 from .conftest import lora_config, make_lora_model, make_model, make_tokenizer
 from .test_callback import collator, tokenized_dataset

@@ -59,11 +59,11 @@ LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def capture_warmup(base, tokenizer, pool, targets, warm_dir: Path, args) -> Path:
     """The LESS warmup: LoRA SFT on a seeded ``warmup_fraction`` of ``pool``, capturing pool and target features."""
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from hf_less import LessCallback
+    from hf_less.training.warmup import WarmupSFTTrainer, warmup_subset
 
-    n_warm = max(1, round(args.warmup_fraction * len(pool)))
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=LORA_MODULES, task_type="CAUSAL_LM")
     config = SFTConfig(output_dir=str(warm_dir), num_train_epochs=args.warmup_epochs, save_strategy="epoch",
                        per_device_train_batch_size=args.batch_size, learning_rate=2e-4, lr_scheduler_type="linear",
@@ -71,8 +71,8 @@ def capture_warmup(base, tokenizer, pool, targets, warm_dir: Path, args) -> Path
                        logging_steps=50, save_only_model=True, seed=0, disable_tqdm=True)
     capture = LessCallback(pool=pool, targets=targets, proj_dim=args.proj_dim, max_length=args.max_length,
                            batch_size=args.batch_size)
-    SFTTrainer(copy.deepcopy(base), args=config, train_dataset=pool.shuffle(seed=0).select(range(n_warm)),
-               processing_class=tokenizer, peft_config=lora, callbacks=[capture]).train()
+    WarmupSFTTrainer(copy.deepcopy(base), args=config, train_dataset=warmup_subset(pool, args.warmup_fraction, seed=0),
+                     processing_class=tokenizer, peft_config=lora, callbacks=[capture]).train()
     return warm_dir
 
 

@@ -8,7 +8,7 @@
     hf-less evaluate  --run_dir R [--adapter topk] [--task_metric] # target loss (+ task metric) -> R/evaluation.json
     hf-less report    --run_dir R                                # R/report/report.md + PNG plots
 
-All subcommands share a run directory (see :class:`hf_less.cli.report.RunLayout`). The first one to
+All subcommands share a run directory (see :class:`hf_less.training.layout.RunLayout`). The first one to
 need data builds it (BIG-bench by default, or ``--dataset pool.jsonl --targets t.jsonl --eval e.jsonl``)
 into ``R/data``; later ones reuse it. ``hf-less <command> --help`` documents every option.
 """
@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from ..gradients.projection import DEFAULT_KIND
 from ..selection.strategies import Budget, parse_budget, resolve_budget
 from ..utils.io import atomic_write_json
-from .report import RunLayout, load_evaluation, precision, report_from_run, write_report
+from ..training.layout import RunLayout
+from .report import load_evaluation, precision, report_from_run, write_report
 
 logger = logging.getLogger("hf_less.cli")
 
@@ -207,6 +208,13 @@ DEMO_SCALING = (
 # -- helpers ---------------------------------------------------------------------------------------
 
 
+def run_layout(run: RunArguments) -> RunLayout:
+    """The layout of ``--run_dir`` (hf_less.training.layout), refusing one written with hf-less 0.1's names."""
+    layout = RunLayout(run.run_dir)
+    layout.check_not_old()
+    return layout
+
+
 def _say(msg: str) -> None:
     tqdm.write(msg, file=sys.stdout)
 
@@ -294,7 +302,7 @@ def prepare_data(run: RunArguments, data: DataArguments, model_args: ModelArgume
     """Build (once) or load RUN_DIR/data: pool, targets, eval, and data.json describing them."""
     from datasets import load_from_disk
 
-    layout = RunLayout(run.run_dir)
+    layout = run_layout(run)
     meta_path = layout.data / "data.json"
     if meta_path.exists() and not data.rebuild_data:
         meta = json.loads(meta_path.read_text())
@@ -407,7 +415,7 @@ def sft_train(model, tokenizer, dataset, output_dir: str | os.PathLike, model_ar
 
     # The warmup schedule of LessSFTTrainer (3% linear warmup whose first step has a positive LR, then linear
     # decay), the same on every supported transformers: warmup_steps=0.03 is refused before transformers 5.
-    from ..training.trainer import _WarmupSFTTrainer
+    from ..training.warmup import WarmupSFTTrainer
 
     steps_per_epoch = math.ceil(len(dataset) / model_args.batch_size)
     config = SFTConfig(
@@ -420,7 +428,7 @@ def sft_train(model, tokenizer, dataset, output_dir: str | os.PathLike, model_ar
     )
     lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
                       target_modules=list(model_args.lora_target_modules), task_type="CAUSAL_LM")
-    trainer = _WarmupSFTTrainer(model, args=config, train_dataset=text_only(dataset), processing_class=tokenizer,
+    trainer = WarmupSFTTrainer(model, args=config, train_dataset=text_only(dataset), processing_class=tokenizer,
                                 peft_config=lora, callbacks=list(callbacks))
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # the examples/s bar shows the loss instead
@@ -445,11 +453,12 @@ def _write_run_info(layout: RunLayout, **updates) -> dict:
 
 
 def do_warmup(model, tokenizer, rd: RunData, layout: RunLayout, model_args, warm_args: WarmupArguments, run) -> Path:
-    """LoRA SFT with LessCallback on a random ``warmup_fraction`` of the pool -> RUN_DIR/warmup."""
+    """LoRA SFT with LessCallback on a random ``warmup_fraction`` of the pool -> RUN_DIR/less_warmup."""
     from ..training.callback import LessCallback
+    from ..training.warmup import warmup_subset
 
-    n = max(1, round(warm_args.warmup_fraction * len(rd.pool)))
-    warm = rd.pool.shuffle(seed=run.seed).select(range(n))
+    warm = warmup_subset(rd.pool, warm_args.warmup_fraction, run.seed)
+    n = len(warm)
     _say(f"warmup: LoRA r={model_args.lora_r} on {n} random pool examples ({warm_args.warmup_fraction:.0%}), "
          f"{warm_args.warmup_epochs} epochs -> {layout.warmup}")
     sft_train(model, tokenizer, warm, layout.warmup, model_args, run, warm_args.warmup_epochs,
@@ -479,7 +488,7 @@ def _shard_rows(selector) -> int:
 
 
 def do_featurize(selector, rd: RunData, layout: RunLayout):
-    """Pool features -> RUN_DIR/features/pool; target features and pool scores beside them."""
+    """Pool features -> RUN_DIR/less_features/pool; target features and pool scores beside them."""
     import numpy as np
 
     selector.featurize(text_only(rd.pool), layout.store, shard_rows=_shard_rows(selector))
@@ -682,7 +691,7 @@ def run_demo(run: RunArguments, data: DataArguments, model_args: ModelArguments,
     import torch
 
     clock = _Clock()
-    layout = RunLayout(run.run_dir)
+    layout = run_layout(run)
     scaled = _apply_demo_scaling([run, data, model_args, warm, feat, sel, tr])
     _say(f"hf-less demo: {data.dataset} + {model_args.model} on {_device(run)} "
          f"({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)), "
@@ -709,7 +718,9 @@ def run_demo(run: RunArguments, data: DataArguments, model_args: ModelArguments,
 
     with clock.stage("warmup"):
         do_warmup(model, tokenizer, rd, layout, model_args, warm, run)
-    n_warm = max(1, round(warm.warmup_fraction * len(rd.pool)))
+    from ..training.warmup import warmup_size
+
+    n_warm = warmup_size(len(rd.pool), warm.warmup_fraction)
     train_rate = n_warm * warm.warmup_epochs / max(clock.stages["warmup"], 1e-6)  # examples per second
     del model
     with clock.stage("target features"):
@@ -850,7 +861,7 @@ def _task_column(layout: RunLayout) -> str:
 
 
 def cmd_warmup(run, data, model_args, warm):
-    layout = RunLayout(run.run_dir)
+    layout = run_layout(run)
     model, tokenizer = load_model(model_args, run)
     rd = prepare_data(run, data, model_args, tokenizer)
     _write_run_info(layout, target_task=rd.target_task)
@@ -858,7 +869,7 @@ def cmd_warmup(run, data, model_args, warm):
 
 
 def cmd_featurize(run, data, model_args, feat):
-    layout = RunLayout(run.run_dir)
+    layout = run_layout(run)
     model, tokenizer = load_model(model_args, run)
     rd = prepare_data(run, data, model_args, tokenizer)
     selector = make_selector(model, tokenizer, rd, layout, model_args, feat, run)
@@ -869,7 +880,7 @@ def cmd_featurize(run, data, model_args, feat):
 def cmd_select(run, data, model_args, feat, sel):
     import numpy as np
 
-    layout = RunLayout(run.run_dir)
+    layout = run_layout(run)
     model, tokenizer = load_model(model_args, run)
     rd = prepare_data(run, data, model_args, tokenizer)
     if not layout.store.exists():
@@ -885,21 +896,21 @@ def cmd_select(run, data, model_args, feat, sel):
 
 
 def cmd_train(run, data, model_args, tr):
-    layout = RunLayout(run.run_dir)
+    layout = run_layout(run)
     model, tokenizer = load_model(model_args, run)
     rd = prepare_data(run, data, model_args, tokenizer)
     do_train(model, tokenizer, rd, layout, model_args, tr, run)
 
 
 def cmd_evaluate(run, data, model_args, ev):
-    layout = RunLayout(run.run_dir)
+    layout = run_layout(run)
     model, tokenizer = load_model(model_args, run)
     rd = prepare_data(run, data, model_args, tokenizer)
     do_evaluate(model, tokenizer, rd, layout, model_args, ev, run, show_baselines=True)
 
 
 def cmd_report(run, rep):
-    layout = RunLayout(run.run_dir)
+    layout = run_layout(run)
     path = do_report(layout, rep, _task_column(layout))
     print(path.read_text())
 
@@ -908,9 +919,9 @@ COMMANDS: dict[str, tuple[str, tuple[type, ...], Any]] = {
     "demo": ("The whole pipeline on BIG-bench with SmolLM2-135M, scaled to finish in minutes on a CPU.",
              (RunArguments, DataArguments, ModelArguments, WarmupArguments, FeaturizeArguments, SelectArguments,
               TrainArguments, DemoArguments), lambda *a: run_demo(*a)),
-    "warmup": ("LoRA SFT with LessCallback on a random fraction of the pool -> RUN_DIR/warmup.",
+    "warmup": ("LoRA SFT with LessCallback on a random fraction of the pool -> RUN_DIR/less_warmup.",
                (RunArguments, DataArguments, ModelArguments, WarmupArguments), cmd_warmup),
-    "featurize": ("Pool gradient features at every warmup checkpoint -> RUN_DIR/features.",
+    "featurize": ("Pool gradient features at every warmup checkpoint -> RUN_DIR/less_features.",
                   (RunArguments, DataArguments, ModelArguments, FeaturizeArguments), cmd_featurize),
     "select": ("Score the feature store and select under a budget -> RUN_DIR/selections/NAME.",
                (RunArguments, DataArguments, ModelArguments, FeaturizeArguments, SelectArguments), cmd_select),

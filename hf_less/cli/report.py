@@ -11,7 +11,7 @@ What it shows, for a pool whose rows know their source task:
 - ``summary.png``: the four panels together (the picture for a README).
 
 ``write_report(ReportInputs(...), out_dir)`` writes them; ``report_from_run(run_dir)`` reads a run
-directory written by ``hf-less`` (see :class:`RunLayout`).
+directory written by ``hf-less`` (see :class:`hf_less.training.layout.RunLayout`).
 """
 
 from __future__ import annotations
@@ -25,32 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..training.layout import RunLayout
+
 REPORT_FILE = "report.md"
 PLOTS = ("summary.png", "scores.png", "composition.png", "precision.png", "loss.png")
 LESS_COLOR, RANDOM_COLOR, POOL_COLOR, TARGET_COLOR = "#d62728", "#7f7f7f", "#1f77b4", "#ff7f0e"
-
-
-@dataclass
-class RunLayout:
-    """Where ``hf-less`` subcommands put things inside a run directory."""
-
-    root: Path
-
-    def __post_init__(self):
-        self.root = Path(self.root)
-
-    data = property(lambda self: self.root / "data")
-    warmup = property(lambda self: self.root / "warmup")
-    features = property(lambda self: self.root / "features")
-    store = property(lambda self: self.root / "features" / "pool")
-    selections = property(lambda self: self.root / "selections")
-    train = property(lambda self: self.root / "train")
-    evaluation = property(lambda self: self.root / "evaluation.json")
-    run_info = property(lambda self: self.root / "run.json")
-    report = property(lambda self: self.root / "report")
-
-    def selection(self, name: str) -> Path:
-        return self.selections / name
 
 
 @dataclass

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import gc
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -42,16 +40,14 @@ from ..utils.identity import model_digest, rows_digest, tokenizer_identity
 from ..utils.io import atomic_write_json
 from .callback import LessCallback
 from .config import LessSFTConfig
+from .layout import RunLayout
+from .warmup import WARMUP_SCHEDULE, WarmupSFTTrainer, warmup_subset
 
 logger = logging.getLogger(__name__)
 
-WARMUP_SUBDIR = "less_warmup"
-FEATURES_SUBDIR = "less_features"
-# The LESS paper's warmup: linear, over 3% of the steps (Xia et al. 2024), shifted so no step runs at LR 0.
 # The LessSFTConfig fields that change the warmup run (recorded in its identity).
 WARMUP_SETTINGS = ("less_warmup_fraction", "less_warmup_epochs", "less_warmup_learning_rate", "less_warmup_batch_size",
                    "less_lora_r", "less_lora_alpha", "less_lora_dropout", "less_lora_target_modules", "less_seed")
-WARMUP_SCHEDULE = {"kind": "linear, warmup 3% of the steps, first step > 0", "warmup_ratio": 0.03}
 
 
 class LessSFTTrainer(SFTTrainer):
@@ -191,11 +187,10 @@ class LessSFTTrainer(SFTTrainer):
         # unsharded copy, kept on the CPU meanwhile.
         fsdp = sharded.fsdp_enabled(a)
         unsharded = copy.deepcopy(model).to("cpu") if fsdp else None
-        out = os.path.join(a.output_dir, WARMUP_SUBDIR)
+        out = str(RunLayout(a.output_dir).warmup)
         n = len(self.pool)
-        size = max(1, int(round(a.less_warmup_fraction * n)))
-        subset = np.sort(np.random.default_rng(a.less_seed).permutation(n)[:size]).tolist()
-        warmup_set = self.pool.select(subset)
+        warmup_set = warmup_subset(self.pool, a.less_warmup_fraction, a.less_seed)
+        size = len(warmup_set)
         fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
         config = {k: v for k, v in a.to_dict().items() if k in fields}
         # to_dict() masks every *_token field (hub_token, but also eos_token, pad_token): take the real ones.
@@ -231,7 +226,7 @@ class LessSFTTrainer(SFTTrainer):
         distributed.on_main(lambda: _fresh_warmup_dir(Path(out), json.loads(json.dumps(run, default=str))))
         logger.info("LESS warmup: LoRA r=%d on %d of %d pool examples for %d epochs, in %s",
                     a.less_lora_r, size, n, a.less_warmup_epochs, out)
-        trainer = _WarmupSFTTrainer(model, args=SFTConfig(**config), train_dataset=warmup_set,
+        trainer = WarmupSFTTrainer(model, args=SFTConfig(**config), train_dataset=warmup_set,
                                     processing_class=tokenizer, peft_config=lora, callbacks=[capture])
         trainer.train()
         if fsdp:
@@ -255,7 +250,7 @@ class LessSFTTrainer(SFTTrainer):
             show_progress=not a.disable_tqdm, on_empty_completion=a.less_on_empty_completion)
         store = None
         if not selector.has_captured_pool:  # every process featurizes its share; the main one writes the store
-            store = selector.featurize(self.pool, os.path.join(a.output_dir, FEATURES_SUBDIR, "pool"),
+            store = selector.featurize(self.pool, RunLayout(a.output_dir).store,
                                        dtype=a.less_store_dtype)
         return distributed.on_main(lambda: self._order(selector, store, warmup_dir, settings))
 
@@ -339,37 +334,6 @@ class LessSFTTrainer(SFTTrainer):
         if column is None:
             return self.target_dataset
         return {k: v for k, v in rows_of(self.target_dataset).items() if k != column}
-
-
-def warmup_lr_factor(step: int, warmup: int, total: int) -> float:
-    """The LR factor of optimizer step ``step`` (0-based) of ``total``: linear warmup, then linear decay to 0.
-
-    The warmup's step ``s < warmup`` uses ``(s + 1) / (warmup + 1)``, not transformers' ``s / warmup``,
-    whose first step runs at LR 0: LESS weights each checkpoint by the mean LR of its steps, and a
-    warmup of one optimizer step would then have no positive weight at all. Every step's factor
-    is in (0, 1].
-    """
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-class _WarmupSFTTrainer(SFTTrainer):
-    """The warmup's ``SFTTrainer``: its LR schedule is :func:`warmup_lr_factor` over 3% of the steps.
-
-    Set here, not through ``TrainingArguments``, because ``warmup_steps``/``warmup_ratio`` mean
-    different things across the supported transformers versions, and because their schedule runs
-    the first step at LR 0.
-    """
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is None:
-            warmup = math.ceil(WARMUP_SCHEDULE["warmup_ratio"] * num_training_steps)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer if optimizer is None else optimizer,
-                functools.partial(warmup_lr_factor, warmup=warmup, total=num_training_steps))
-            self._created_lr_scheduler = True
-        return self.lr_scheduler
 
 
 def _fresh_warmup_dir(out: Path, run: dict) -> None:
