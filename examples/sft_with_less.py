@@ -27,22 +27,13 @@ from trl import ModelConfig, get_peft_config
 
 from hf_less import LessSFTConfig, LessSFTTrainer
 from hf_less.cli.models import DEFAULT_MODEL, load_model_and_tokenizer
+from hf_less.data import load_dataset_path
 
 
 @dataclass
 class DataArguments:
     pool: str = field(metadata={"help": "The candidate pool: a JSONL/JSON file or a save_to_disk directory."})
     targets: str = field(metadata={"help": "A few examples of the target task, same kinds of path."})
-
-
-def load(path: str):
-    from datasets import load_dataset, load_from_disk
-
-    if os.path.isdir(path):
-        return load_from_disk(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No dataset at {path!r}: give a JSONL/JSON file or a save_to_disk directory.")
-    return load_dataset("json", data_files=path, split="train")
 
 
 def main():
@@ -54,7 +45,7 @@ def main():
     else:
         model = AutoModelForCausalLM.from_pretrained(name, revision=model_args.model_revision)
         tokenizer = AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)
-    trainer = LessSFTTrainer(model, args=args, train_dataset=load(data.pool), target_dataset=load(data.targets),
+    trainer = LessSFTTrainer(model, args=args, train_dataset=load_dataset_path(data.pool), target_dataset=load_dataset_path(data.targets),
                              processing_class=tokenizer, peft_config=get_peft_config(model_args))
     trainer.train()
     trainer.save_model()

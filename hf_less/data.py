@@ -13,8 +13,10 @@ format is reduced to token ids plus labels where prompt tokens carry ``-100``:
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -355,3 +357,24 @@ def collate(
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids}
 
+
+def load_dataset_path(path: str | os.PathLike):
+    """A JSONL/JSON file or a ``save_to_disk`` directory as a ``datasets.Dataset`` (a DatasetDict's ``train``).
+
+    The one way hf-less's command line and examples read a dataset path; errors name the accepted kinds.
+    """
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path!r} does not exist; give a JSONL file or a datasets.save_to_disk directory.")
+    if p.is_dir():
+        ds = load_from_disk(str(p))
+        if isinstance(ds, DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"{path!r} is a DatasetDict without a 'train' split; save one Dataset instead.")
+            ds = ds["train"]
+        return ds
+    if p.suffix in (".jsonl", ".json"):
+        return load_dataset("json", data_files=str(p), split="train")
+    raise ValueError(f"{path!r}: expected a .jsonl/.json file or a save_to_disk directory.")

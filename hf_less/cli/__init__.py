@@ -31,14 +31,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..gradients.projection import DEFAULT_KIND
+from ..data import load_dataset_path
 from ..selection.strategies import Budget, parse_budget, resolve_budget
 from ..utils.io import atomic_write_json
 from ..training.layout import RunLayout
+from .models import DEFAULT_MODEL
 from .report import load_evaluation, precision, report_from_run, write_report
 
 logger = logging.getLogger("hf_less.cli")
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TEXT_COLUMNS = {"prompt_completion": ["prompt", "completion"], "messages": ["messages"], "text": ["text"],
                 "tokenized": ["input_ids", "labels", "completion_mask"]}
@@ -237,25 +238,6 @@ def load_model(model_args: ModelArguments, run: RunArguments):
     return model.to(_device(run)), tokenizer
 
 
-def _read_dataset(path: str):
-    """A JSONL/JSON file, or a ``save_to_disk`` directory, as a ``Dataset``."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{path!r} does not exist; give a JSONL file or a datasets.save_to_disk directory.")
-    if p.is_dir():
-        ds = load_from_disk(str(p))
-        if isinstance(ds, DatasetDict):
-            if "train" not in ds:
-                raise ValueError(f"{path!r} is a DatasetDict without a 'train' split; save one Dataset instead.")
-            ds = ds["train"]
-        return ds
-    if p.suffix in (".jsonl", ".json"):
-        return load_dataset("json", data_files=str(p), split="train")
-    raise ValueError(f"{path!r}: expected a .jsonl/.json file or a save_to_disk directory.")
-
-
 def _format_columns(dataset) -> list[str]:
     from ..data import detect_format
 
@@ -333,8 +315,8 @@ def prepare_data(run: RunArguments, data: DataArguments, model_args: ModelArgume
     else:
         if data.targets is None:
             raise ValueError("With --dataset PATH, give the target examples too: --targets PATH (JSONL or directory).")
-        pool, targets = _read_dataset(data.dataset), _read_dataset(data.targets)
-        eval_set = _read_dataset(data.eval) if data.eval else None
+        pool, targets = load_dataset_path(data.dataset), load_dataset_path(data.targets)
+        eval_set = load_dataset_path(data.eval) if data.eval else None
         task_column = data.task_column
         target = data.target_task
         if target is None and task_column in targets.column_names and len(set(targets[task_column])) == 1:
