@@ -100,6 +100,11 @@ def content_key(example: Encoded) -> bytes:
     return h.digest()
 
 
+def content_keys(examples: Sequence[Encoded]) -> np.ndarray:
+    """The :func:`content_key` of every example, packed as the store keeps them: ``(N, 16)`` uint8."""
+    return np.frombuffer(b"".join(content_key(e) for e in examples), dtype=np.uint8).reshape(-1, 16)
+
+
 def model_identity(model: torch.nn.Module) -> dict:
     """Name and a weight checksum of the frozen base model: features from two models never mix.
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..data import detect_format, empty_rows
-from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, rows_of
+from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, content_keys, rows_of
 from ..gradients.projection import DEFAULT_KIND
 from ..gradients.state import LessCheckpoint, find_checkpoints
 from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, check_compatible
@@ -412,7 +412,7 @@ class LessSelector:
                     full[ok] = feats
                     per_step[step] = full
             if main:
-                keys = np.frombuffer(b"".join(content_key(e) for e in encoded), dtype=np.uint8).reshape(-1, 16)
+                keys = content_keys(encoded)
                 store.write_shard(per_step, keys, skipped=sorted(set(range(len(encoded))) - set(ok)))
             start += n
             bar.update(n)
@@ -445,7 +445,7 @@ class LessSelector:
                         f"{start + num_rows(batch)} (the pool changed since the interrupted run). Use another "
                         "store_dir, or delete this one to recompute.")
                 encoded = self.featurizer.encode(batch, f"pool rows {start}..")
-                mine = np.frombuffer(b"".join(content_key(e) for e in encoded), dtype=np.uint8).reshape(-1, 16)
+                mine = content_keys(encoded)
                 bad = np.flatnonzero((mine != keys[start:stop]).any(1))
                 if len(bad):
                     raise IncompatibleFeaturesError(

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from ..data import n_scored
 from ..gradients import sharded
-from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of, content_key
+from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of, content_keys
 from ..gradients.per_example import AdamMoments, parameter_key, trainable_parameters
 from ..gradients.projection import DEFAULT_KIND
 from ..gradients.state import LessCheckpoint, captured_dir, save_less_state
@@ -312,7 +312,7 @@ class LessCallback(TrainerCallback):
                     feats = self._featurizer(chunk, moments if which == "pool" else None, split=True,
                                              progress=bar if rows is not None else None)
                     if main:
-                        keys = np.frombuffer(b"".join(content_key(e) for e in chunk), np.uint8).reshape(-1, 16)
+                        keys = content_keys(chunk)
                         store.write_shard({step: feats.numpy()}, keys)
                     written += len(chunk)
                     bar.update(written - bar.n)  # exact at each shard's end
