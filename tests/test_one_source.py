@@ -111,3 +111,30 @@ def test_one_dataset_path_loader_for_the_cli_and_the_examples(tmp_path):
     import examples.sft_with_less as example  # the example reads its --pool/--targets with the same function
 
     assert example.load_dataset_path is load_dataset_path
+
+
+def test_every_target_scorer_selects_with_one_rule():
+    import numpy as np
+
+    from hf_less import LessSelector
+    from hf_less.scoring.base import TargetScorer
+    from hf_less.scoring.representations import RepresentationSelector
+
+    for cls in (LessSelector, RepresentationSelector):
+        assert issubclass(cls, TargetScorer)
+        assert all(getattr(cls, m) is getattr(TargetScorer, m) for m in ("order", "select", "filter_fn"))
+
+    class Scorer(TargetScorer):  # the columns map(scorer) leaves, without a model
+        score_column, sims_column = "x_score", "x_sims"
+        subtask_ids, subtask_names = np.zeros(2, dtype=np.int64), ["only"]
+
+    scored = Dataset.from_dict({"x_score": [0.1, float("-inf"), 0.9, 0.5, float("-inf")],
+                                "x_sims": [[0.1, 0.0], [0.0, 0.0], [0.9, 0.2], [0.5, 0.6], [0.0, 0.0]]})
+    s = Scorer()
+    assert s.select(scored, 2)["x_score"] == [0.9, 0.5]
+    assert scored.filter(s.filter_fn(scored, 0.4), with_indices=True)["x_score"] == [0.9, 0.5]  # pool order
+    assert s.select(scored, 3, strategy="round_robin")["x_score"] == [0.9, 0.5, 0.1]
+    with pytest.warns(UserWarning, match="Only 3 pool rows can be selected .* fewer than the budget of 4"):
+        assert len(s.select(scored, 4)) == 3
+    with pytest.raises(ValueError, match="no 'x_score' column: score it first"):
+        s.order(Dataset.from_dict({"text": ["a"]}))

@@ -22,10 +22,9 @@ from ..gradients.projection import DEFAULT_KIND
 from ..gradients.state import LessCheckpoint, find_checkpoints
 from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, check_compatible
 from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
-from ..selection import strategies as selectors
-from ..selection.filters import keep_indices
 from ..utils import distributed
 from ..utils.identity import tokenizer_identity
+from .base import TargetScorer, register_datasets_hash
 from .similarity import less_score, subtask_index, weighted_sims
 
 logger = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ NO_CAPTURE_FIX = ("Create the selector with the capture's settings (proj_dim, pr
                   "max_length, the same base model), or pass use_captured=False to compute features anew.")
 
 
-class LessSelector:
+class LessSelector(TargetScorer):
     """Scores pool examples by LESS against target examples; a ``datasets.map`` callable.
 
     Args:
@@ -302,52 +301,6 @@ class LessSelector:
         bar.close()
         return scores, sims
 
-    # -- selection -------------------------------------------------------------------------------
-
-    def order(self, scored, strategy: str = "topk", seed: int = 0, **params) -> np.ndarray:
-        """The full ordering of ``scored`` (a pool with ``less_score``/``less_sims``) under ``strategy``.
-
-        ``params`` go to the strategy (see :mod:`hf_less.selection.strategies`).
-        """
-        if "less_score" not in scored.column_names:
-            raise ValueError("The dataset has no 'less_score' column: score it first with "
-                             "dataset.map(selector, batched=True).")
-        scores = np.asarray(scored["less_score"], dtype=np.float64)
-        if strategy in ("topk", "random") or strategy not in selectors.STRATEGIES:
-            return selectors.order(strategy, scores, seed, **params)
-        if "less_sims" not in scored.column_names:
-            raise ValueError(f"strategy={strategy!r} needs the 'less_sims' column that map(selector) adds.")
-        sims = np.asarray(scored["less_sims"], dtype=np.float32)
-        return selectors.order(strategy, scores, seed, sims=sims, subtask_ids=self.subtask_ids, **params)
-
-    def select(self, scored, budget: int | float, strategy: str = "topk", seed: int = 0, **params):
-        """The selected rows of ``scored`` as a ``Dataset``, in selection order.
-
-        Args:
-            scored: the pool after ``map(selector, batched=True)``.
-            budget: a count (int) or a fraction of the pool (float in (0, 1]).
-            strategy: a name from :data:`hf_less.selection.strategies.STRATEGIES` (``"topk"`` is LESS's own).
-            seed: for seeded strategies.
-            params: the strategy's own settings.
-        """
-        k = selectors.resolve_budget(budget, len(scored))
-        return scored.select(self._within_budget(self.order(scored, strategy, seed, **params), k).tolist())
-
-    @staticmethod
-    def _within_budget(ordering: np.ndarray, k: int) -> np.ndarray:
-        if len(ordering) < k:
-            warnings.warn(f"Only {len(ordering)} pool rows can be selected (the others were skipped: no "
-                          f"completion token, score -inf), fewer than the budget of {k}.", stacklevel=3)
-        return ordering[:k]
-
-    def filter_fn(self, scored, budget: int | float, strategy: str = "topk", seed: int = 0, **params):
-        """A predicate for ``scored.filter(fn, with_indices=True)`` keeping the rows ``select`` keeps.
-
-        The rows come out in pool order (``select`` returns them in selection order).
-        """
-        k = selectors.resolve_budget(budget, len(scored))
-        return keep_indices(self._within_budget(self.order(scored, strategy, seed, **params), k))
-
     # -- feature store ---------------------------------------------------------------------------
 
     def featurize(self, dataset, store_dir: str | os.PathLike, shard_rows: int = 4096,
@@ -484,21 +437,4 @@ class LessSelector:
         return scores, sims
 
 
-def _register_datasets_hash() -> None:
-    """Make ``datasets`` fingerprint a selector by its identity (model, warmup, projection, targets, tokenizer).
-
-    Without this, ``map`` would hash the whole model (slow) and could not tell two selectors
-    apart only by their state; with it, a map against other targets or another warmup never
-    reuses cached scores, and an identical selector reuses them.
-    """
-    try:
-        from datasets.utils._dill import pklregister
-    except ImportError:  # datasets changed its internals: fall back to hashing the whole object
-        return
-
-    @pklregister(LessSelector)
-    def _save(pickler, obj):
-        pickler.save(("hf_less.LessSelector", obj.fingerprint))
-
-
-_register_datasets_hash()
+register_datasets_hash(LessSelector, "hf_less.LessSelector")

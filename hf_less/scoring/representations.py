@@ -33,6 +33,7 @@ from ..data import collate, detect_format, encode_batch, pad_token_id, padding_s
 from ..gradients.featurizer import rows_of
 from ..selection import strategies as selectors
 from ..utils.identity import tokenizer_identity
+from .base import TargetScorer, register_datasets_hash
 from .similarity import less_score, normalize, subtask_index
 
 REPRESENTATIONS = ("rds", "embedding", "random")
@@ -257,7 +258,7 @@ def _module_digest(module: Any) -> str:
     return h.hexdigest()[:16]
 
 
-class RepresentationSelector:
+class RepresentationSelector(TargetScorer):
     """Scores pool examples against target examples with the ``rds``, ``embedding`` or ``random`` representation.
 
     A ``datasets.map(batched=True)`` callable, like :class:`hf_less.LessSelector`: it adds
@@ -358,42 +359,5 @@ class RepresentationSelector:
         scores = less_score(sims, self.subtask_ids if len(self.subtask_names) > 1 else None)
         return {self.score_column: scores.tolist(), self.sims_column: sims.tolist()}
 
-    # -- selection, as LessSelector ------------------------------------------------------------------------
 
-    def order(self, scored, strategy: str = "topk", seed: int = 0, **params) -> np.ndarray:
-        """The ordering of ``scored`` (a pool after ``map(self)``) under ``strategy`` (any of ``selectors.STRATEGIES``)."""
-        if self.score_column not in scored.column_names:
-            raise ValueError(f"The dataset has no {self.score_column!r} column: score it first with "
-                             "dataset.map(selector, batched=True).")
-        scores = np.asarray(scored[self.score_column], dtype=np.float64)
-        sims = None
-        if strategy in selectors.NEEDS_SIMS:
-            sims = np.asarray(scored[self.sims_column], dtype=np.float32).reshape(len(scored), -1)
-        ids = self.subtask_ids.numpy() if len(self.subtask_names) > 1 else None
-        return selectors.order(strategy, scores, seed, sims=sims, subtask_ids=ids, **params)
-
-    def select(self, scored, budget: int | float, strategy: str = "topk", seed: int = 0, **params):
-        """The selected rows of ``scored`` as a ``Dataset``, in selection order (``budget``: count or fraction)."""
-        k = selectors.resolve_budget(budget, len(scored))
-        return scored.select(self.order(scored, strategy, seed, k=k, **params)[:k].tolist())
-
-    def filter_fn(self, scored, budget: int | float, strategy: str = "topk", seed: int = 0, **params):
-        """A predicate for ``scored.filter(fn, with_indices=True)`` keeping the rows ``select`` keeps."""
-        k = selectors.resolve_budget(budget, len(scored))
-        keep = frozenset(self.order(scored, strategy, seed, k=k, **params)[:k].tolist())
-        return lambda example, idx: idx in keep
-
-
-def _register_datasets_hash() -> None:
-    """Let ``datasets`` fingerprint a selector by its identity, not by pickling its model."""
-    try:
-        from datasets.utils._dill import pklregister
-    except ImportError:
-        return
-
-    @pklregister(RepresentationSelector)
-    def _save(pickler, obj):
-        pickler.save(("hf_less.RepresentationSelector", obj.fingerprint))
-
-
-_register_datasets_hash()
+register_datasets_hash(RepresentationSelector, "hf_less.RepresentationSelector")

@@ -1,0 +1,93 @@
+"""What every target scorer shares: selection from its score columns, and its ``datasets`` fingerprint.
+
+A target scorer (:class:`hf_less.LessSelector`, :class:`hf_less.scoring.representations.RepresentationSelector`)
+is a ``map`` function that adds a score column (``(N,)``, higher is better) and a per-target similarity
+column (``(N, T)``) to a pool. :class:`TargetScorer` turns those columns into an ordering, a selection
+or a ``filter`` predicate with one budget rule (:func:`hf_less.selection.strategies.resolve_budget`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ..selection import strategies
+from ..selection.filters import keep_indices
+
+
+class TargetScorer:
+    """Selection for a scorer with ``score_column``, ``sims_column``, ``subtask_ids`` ``(T,)`` and ``subtask_names``."""
+
+    score_column: str = "less_score"
+    sims_column: str = "less_sims"
+
+    def _subtask_ids(self) -> np.ndarray | None:
+        """``(T,)`` subtask of each target, or None with a single subtask."""
+        if len(self.subtask_names) <= 1:
+            return None
+        return np.asarray(self.subtask_ids)
+
+    def order(self, scored, strategy: str = "topk", seed: int = 0, **params) -> np.ndarray:
+        """The ordering of ``scored`` (a pool after ``dataset.map(scorer, batched=True)``) under ``strategy``.
+
+        ``params`` go to the strategy (see :mod:`hf_less.selection.strategies`), ``k`` included.
+        Rows scored ``-inf`` (unscorable) are never in the ordering.
+        """
+        if self.score_column not in scored.column_names:
+            raise ValueError(f"The dataset has no {self.score_column!r} column: score it first with "
+                             "dataset.map(selector, batched=True).")
+        scores = np.asarray(scored[self.score_column], dtype=np.float64)
+        sims = None
+        if strategy in strategies.NEEDS_SIMS:
+            if self.sims_column not in scored.column_names:
+                raise ValueError(f"strategy={strategy!r} needs the {self.sims_column!r} column that "
+                                 "map(selector) adds.")
+            sims = np.asarray(scored[self.sims_column], dtype=np.float32).reshape(len(scored), -1)
+        return strategies.order(strategy, scores, seed, sims=sims, subtask_ids=self._subtask_ids(), **params)
+
+    def _selected(self, scored, budget: int | float | str, strategy: str, seed: int, params: dict) -> np.ndarray:
+        k = strategies.resolve_budget(budget, len(scored))
+        ordering = self.order(scored, strategy, seed, k=k, **params)
+        if len(ordering) < k:
+            warnings.warn(f"Only {len(ordering)} pool rows can be selected (the others were skipped: no "
+                          f"completion token, score -inf), fewer than the budget of {k}.", stacklevel=3)
+        return ordering[:k]
+
+    def select(self, scored, budget: int | float | str, strategy: str = "topk", seed: int = 0, **params):
+        """The selected rows of ``scored`` as a ``Dataset``, in selection order.
+
+        Args:
+            scored: the pool after ``map(selector, batched=True)``.
+            budget: a count (int) or a fraction of the pool (float in (0, 1]); see
+                :func:`hf_less.selection.strategies.resolve_budget`.
+            strategy: a name from :data:`hf_less.selection.strategies.STRATEGIES` (``"topk"`` is LESS's own).
+            seed: for seeded strategies.
+            params: the strategy's own settings.
+        """
+        return scored.select(self._selected(scored, budget, strategy, seed, params).tolist())
+
+    def filter_fn(self, scored, budget: int | float | str, strategy: str = "topk", seed: int = 0, **params):
+        """A predicate for ``scored.filter(fn, with_indices=True)`` keeping the rows ``select`` keeps.
+
+        The rows come out in pool order (``select`` returns them in selection order).
+        """
+        return keep_indices(self._selected(scored, budget, strategy, seed, params))
+
+
+def register_datasets_hash(cls: type, name: str) -> None:
+    """Make ``datasets`` fingerprint instances of ``cls`` by their ``fingerprint`` (their identity: model,
+    warmup, projection, targets, tokenizer), not by pickling their model.
+
+    Without this, ``map`` would hash the whole model (slow) and could not tell two scorers apart
+    only by their state; with it, a map against other targets or another warmup never reuses
+    cached scores, and an identical scorer reuses them.
+    """
+    try:
+        from datasets.utils._dill import pklregister
+    except ImportError:  # datasets changed its internals: fall back to hashing the whole object
+        return
+
+    @pklregister(cls)
+    def _save(pickler, obj):
+        pickler.save((name, obj.fingerprint))
