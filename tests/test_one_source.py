@@ -63,7 +63,7 @@ def test_the_cli_warms_up_on_warmup_subset_into_the_same_layout(tmp_path, monkey
     def recorder(model, tokenizer, dataset, output_dir, *a, **kw):
         seen.append((dataset["prompt"], output_dir))
 
-    monkeypatch.setattr(cli, "sft_train", recorder)
+    monkeypatch.setattr("hf_less.cli.pipeline.sft_train", recorder)
     pool = _numbered_pool()
     rd = cli.RunData(pool, None, None, None, "task")
     layout = RunLayout(tmp_path)
