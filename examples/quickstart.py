@@ -17,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from hf_less import LessCallback, LessSelector
 from hf_less.cli.models import load_model_and_tokenizer
+from hf_less.training.warmup import warmup_subset
 
 TASKS = {
     "add": lambda r: (f"What is {(a := r.randint(10, 99))} plus {(b := r.randint(10, 99))}?", f"{a + b}"),
@@ -51,7 +52,7 @@ def main():
     model, tokenizer = load_model_and_tokenizer()
     pool = Dataset.from_list(make_rows(args.pool_per_task, seed=0))
     targets = Dataset.from_list([r for r in make_rows(4, seed=1) if r["task"] == args.target_task])
-    warm = pool.shuffle(seed=0).select(range(len(pool) // 4))
+    warm = warmup_subset(pool, 0.25, seed=0)  # the one warmup rule: a seeded 25% here (LESS: 5%)
 
     # 1. warmup with the callback: every checkpoint-N/ also gets the LESS state and, with
     #    pool/targets given, their gradient features computed with the model already in memory.
