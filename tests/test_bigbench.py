@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pytest
 
@@ -13,47 +11,7 @@ from hf_less.cli.bigbench import (
     BigBenchArchive, BigBenchConfig, BigBenchError, UnknownTaskError, convert_example, load_bigbench,
 )
 
-ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks"
-
-
-def _alpha(n=30):  # generative, default prefixes, some list targets
-    return {"name": "alpha", "examples": [
-        {"input": f"add {i} and {i}", "target": [str(2 * i), "x"] if i % 2 else str(2 * i)} for i in range(n)]}
-
-
-def _beta(n=30):  # multiple choice with its own prefixes and a task prefix
-    return {"name": "beta", "task_prefix": "Pick the larger.\n", "example_input_prefix": "\nPair: ",
-            "example_output_prefix": "\nLarger: ", "append_choices_to_input": True,
-            "examples": [{"input": f"{i} vs {i + 1}", "target_scores": {str(i): 0, str(i + 1): 1}} for i in range(n)]}
-
-
-def _gamma_sub(tag, n=12):
-    return {"name": tag, "examples": [{"input": f"{tag} word {i}", "target": f"{tag}{i}"} for i in range(n)]}
-
-
-def make_fake_archive(path, extra=None):
-    """A .tar.gz with BIG-bench's layout: top-level tasks, a task with subtasks, and noise."""
-    files = {
-        f"{ROOT}/alpha/task.json": _alpha(),
-        f"{ROOT}/beta/task.json": _beta(),
-        f"{ROOT}/gamma/task.json": {"name": "gamma", "examples": []},
-        f"{ROOT}/gamma/one/task.json": _gamma_sub("one"),
-        f"{ROOT}/gamma/two/task.json": _gamma_sub("two"),
-        f"{ROOT}/delta/task.json": {"name": "delta", "examples": [
-            {"input": "long " * 200, "target": "y"}] + [{"input": f"d{i}", "target": f"e{i}"} for i in range(20)]},
-        **(extra or {}),
-    }
-    with tarfile.open(path, "w:gz") as tf:
-        for name, content in files.items():
-            data = json.dumps(content).encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        readme = b"not a task"
-        info = tarfile.TarInfo("bigbench-1.0.0/README.md")
-        info.size = len(readme)
-        tf.addfile(info, io.BytesIO(readme))
-    return path
+from tests.testing_utils import make_fake_archive
 
 
 @pytest.fixture

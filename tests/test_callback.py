@@ -9,21 +9,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear
 
 from hf_less import LessCallback
 from hf_less.gradients.state import find_checkpoints, load_moments
-from hf_less.data import collate, encode_batch
 from hf_less.gradients.per_example import parameter_key
 
-from .conftest import lora_config, make_lora_model, make_model, toy_tasks
-
-
-def tokenized_dataset(tokenizer, n=8):
-    rows = toy_tasks(n)
-    enc = encode_batch({"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]},
-                       tokenizer)
-    return Dataset.from_dict({"input_ids": [e[0] for e in enc], "labels": [e[1] for e in enc]})
-
-
-def collator(features):
-    return collate([(f["input_ids"], f["labels"]) for f in features], pad_id=0)
+from tests.testing_utils import collator, lora_config, make_lora_model, make_model, tokenized_dataset, toy_tasks
 
 
 class Snapshot(TrainerCallback):

@@ -10,7 +10,7 @@ from hf_less import LessCallback, LessSelector
 from hf_less.gradients.state import find_checkpoints
 from hf_less.gradients.store import FeatureStore, IncompatibleFeaturesError
 
-from .conftest import make_model, run_warmup, toy_tasks
+from tests.testing_utils import make_model, run_warmup, toy_tasks
 
 POOL = toy_tasks(6, seed=2)
 TARGETS = [r for r in toy_tasks(4, seed=3) if r["task"] == "math"]

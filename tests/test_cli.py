@@ -11,8 +11,7 @@ import pytest
 from hf_less import cli
 from hf_less.cli.report import RunLayout
 from hf_less.selection.record import load_selection
-from tests.conftest import make_model, make_tokenizer, toy_tasks
-from tests.test_bigbench import make_fake_archive
+from tests.testing_utils import make_fake_archive, make_model, make_tokenizer, toy_tasks
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,13 @@ from torch import nn
 from hf_less.data import collate, encode_batch
 from hf_less.gradients.per_example import PerExampleGradients, eval_mode, gradient_features
 
-from .conftest import toy_tasks
-from .test_features import naive_gradient
+from tests.testing_utils import make_tokenizer, naive_gradient, toy_tasks
 
 LOGGER = "hf_less.gradients.per_example"
 
 
 @pytest.fixture(scope="module")
 def encoded():
-    from .conftest import make_tokenizer
-
     tok = make_tokenizer()
     rows = toy_tasks(3)
     return encode_batch({"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}, tok)

@@ -1,11 +1,6 @@
 """Several processes for real (torchrun, 2 CPU processes, gloo): one writer, and the same numbers as one."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,25 +10,7 @@ import torch
 from hf_less.gradients.state import find_checkpoints, load_moments
 from hf_less.gradients.store import FeatureStore
 
-SCRIPTS = Path(__file__).parent / "scripts"
-
-
-def torchrun(script, *args, nproc=2, port=29517, timeout=420):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(port), str(SCRIPTS / script), *map(str, args)]  # SCRIPTS / an absolute path is that path
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # the scripts dump every thread's stack on SIGUSR1 (tests/scripts/teardown.py): show where it hangs
-        os.killpg(proc.pid, signal.SIGUSR1)
-        time.sleep(5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{script} did not finish in {timeout} s; stacks and stderr:\n{err[-6000:]}")
-    assert proc.returncode == 0, err[-3000:]
+from tests.testing_utils import example_args, torchrun
 
 
 def test_two_process_warmup_writes_once(tmp_path):
@@ -81,26 +58,6 @@ def test_two_process_capture_equals_one_process(tmp_path):
             # the two warmups' gradients are all-reduced in another order: float noise, no more
             np.testing.assert_allclose(sa.features(a.step).read(0, sa.num_rows),
                                        sb.features(b.step).read(0, sb.num_rows), atol=1e-4)
-
-
-def example_args(tmp_path, tokenizer, out, *extra):
-    """Arguments of examples/sft_with_less.py for a tiny model and a 13-row pool (odd: 7 + 6 per process)."""
-    from datasets import Dataset
-
-    from .conftest import make_model, toy_tasks
-
-    model_dir = tmp_path / "model"
-    if not model_dir.exists():
-        make_model(len(tokenizer)).save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        Dataset.from_list(toy_tasks(7, seed=4)[:13]).to_json(tmp_path / "pool.jsonl")
-        Dataset.from_list([r for r in toy_tasks(3, seed=5) if r["task"] == "math"]).to_json(tmp_path / "targets.jsonl")
-    return ["--model_name_or_path", model_dir, "--pool", tmp_path / "pool.jsonl", "--targets",
-            tmp_path / "targets.jsonl", "--output_dir", out, "--less_budget", "5", "--less_proj_dim", "32",
-            "--less_batch_size", "2", "--less_store_dtype", "float32", "--per_device_train_batch_size", "2",
-            "--num_train_epochs", "1", "--max_length", "64", "--use_cpu", "true", "--bf16", "false",
-            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_peft",
-            "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", *extra]
 
 
 def test_example_under_torchrun_selects_as_one_process(tmp_path, tokenizer):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from hf_less.evaluation.metrics import per_example_losses, target_loss
-from tests.conftest import make_lora_model, make_model, toy_tasks
+from tests.testing_utils import make_lora_model, make_model, toy_tasks
 
 
 def naive_loss(model, tokenizer, rows):

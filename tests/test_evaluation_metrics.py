@@ -14,7 +14,7 @@ from hf_less.evaluation.metrics import (
     beside_baselines, distance_bins, distance_loss_analysis, evaluate_model, exact_match, mc_accuracy, mc_grade,
     normalize_answer, option_logliks, pir, sdf, spearman, target_loss,
 )
-from tests.conftest import make_model
+from tests.testing_utils import make_model
 
 MC_ROWS = [
     {"prompt": "Q: 1+1?\n  choice: 2\n  choice: 3\nA:", "completion": " 2", "options": ["2", "3"],

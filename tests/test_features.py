@@ -3,48 +3,18 @@
 import pytest
 import torch
 
-from hf_less.data import collate, encode_batch
-from hf_less.gradients.per_example import (AdamMoments, PerExampleGradients, adam_direction, eval_mode,
+from hf_less.data import collate
+from hf_less.gradients.per_example import (PerExampleGradients, adam_direction, eval_mode,
                               gradient_features, parameter_key, per_example_loss)
 from hf_less.gradients.projection import make_projector
 
-from .conftest import make_lora_model, toy_tasks
-
-
-def naive_gradient(model, ids, labels):
-    """One unpadded example: loss by hand (mean log-likelihood of completion tokens), autograd."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    inp = torch.tensor([ids])
-    logits = model(input_ids=inp).logits[0].float()
-    logp = torch.log_softmax(logits[:-1], -1)
-    targets = torch.tensor(labels[1:])
-    keep = targets != -100
-    loss = -logp[keep].gather(1, targets[keep][:, None]).mean()
-    grads = torch.autograd.grad(loss, params)
-    return torch.cat([g.reshape(-1) for g in grads])
-
-
-def naive_adam(g, m, v, b1, b2, eps):
-    out = torch.empty_like(g)
-    for j in range(g.numel()):  # elementwise, as written in the paper
-        mj = b1 * m[j] + (1 - b1) * g[j]
-        vj = b2 * v[j] + (1 - b2) * g[j] ** 2
-        out[j] = mj / (vj + eps) ** 0.5
-    return out
+from tests.testing_utils import (dense_matrix, encoded_toy_tasks, make_lora_model, make_model, naive_adam,
+                                 naive_gradient, random_moments)
 
 
 @pytest.fixture
 def encoded(tokenizer):
-    rows = toy_tasks(3)
-    batch = {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
-    return encode_batch(batch, tokenizer)
-
-
-def random_moments(grads: PerExampleGradients, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    m = {k: torch.randn(p.shape, generator=g) * 1e-3 for k, (_, p) in zip(grads.keys, grads.params)}
-    v = {k: torch.rand(p.shape, generator=g) * 1e-6 for k, (_, p) in zip(grads.keys, grads.params)}
-    return AdamMoments(m, v, (0.9, 0.999), 1e-8)
+    return encoded_toy_tasks(tokenizer)
 
 
 def test_parameter_key_drops_adapter_name():
@@ -132,7 +102,6 @@ def test_looped_fallback_matches_batched(tokenizer, encoded):
 
 
 def test_no_trainable_parameters_is_an_error(tokenizer):
-    from .conftest import make_model
     with pytest.raises(ValueError, match="no trainable parameters.*get_peft_model"):
         PerExampleGradients(make_model(len(tokenizer)).requires_grad_(False))
 
@@ -178,8 +147,6 @@ def test_autocast_is_off_on_cpu():
 def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, kind, buffer_rows):
     """Buffered units, one-by-one projection and the naive per-example loop agree, for each kind."""
     from hf_less.gradients.featurizer import Featurizer
-
-    from .test_projection import dense_matrix
 
     grads = PerExampleGradients(lora_model)
     moments = random_moments(grads)

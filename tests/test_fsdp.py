@@ -21,12 +21,10 @@ from hf_less.gradients.state import find_checkpoints, load_moments
 from hf_less.gradients.per_example import parameter_key
 from hf_less.gradients.sharded import DEEPSPEED_REFUSAL, FSDP_CAPTURE_REFUSAL, clean_name, deepspeed_enabled, fsdp_enabled
 
-from .test_distributed import torchrun
+from tests.testing_utils import example_args, make_lora_model, make_model, toy_tasks, torchrun
 
 
 def full_shapes(tokenizer) -> dict[str, tuple[int, ...]]:
-    from .conftest import make_lora_model
-
     return {parameter_key(n): tuple(p.shape) for n, p in make_lora_model(tokenizer).named_parameters()
             if p.requires_grad}
 
@@ -160,8 +158,6 @@ def test_less_sft_trainer_refuses_a_deepspeed_warmup_before_training(tmp_path, t
 
     from hf_less import LessSFTConfig, LessSFTTrainer
 
-    from .conftest import make_model, toy_tasks
-
     rows = toy_tasks(4)
     trainer = LessSFTTrainer(
         make_model(len(tokenizer)), args=LessSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
@@ -180,8 +176,6 @@ def test_less_sft_trainer_with_fsdp_warms_up_then_featurizes(tmp_path, tokenizer
 
     from hf_less.selection.record import load_selection
     from hf_less.gradients.store import FeatureStore
-
-    from .test_distributed import example_args
 
     example = Path(__file__).parents[1] / "examples" / "sft_with_less.py"
     config = tmp_path / "fsdp.json"

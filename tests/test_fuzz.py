@@ -20,7 +20,7 @@ from hf_less.data import (IGNORE_INDEX, DatasetFormatError, EmptyCompletionError
                           empty_rows, n_scored, tokenize_example)
 from hf_less.selection.filters import at_least, keep_indices, top_fraction
 
-from .conftest import make_tokenizer
+from tests.testing_utils import make_tokenizer
 
 TOK = make_tokenizer()
 EOS = TOK.eos_token_id

@@ -8,62 +8,7 @@ import torch
 from hf_less.gradients.projection import (BLOCK_ROWS, MATRIX_VERSIONS, RandomProjector, SparseProjector, make_projector,
                                 projection_block)
 
-M32 = 0xFFFFFFFF
-
-
-# -- an independent reference: the generators written with Python integers (no overflow possible) --
-
-def py_mix32(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x21F0AAAD) & M32
-    x ^= x >> 15
-    x = (x * 0x735A2D97) & M32
-    return x ^ (x >> 15)
-
-
-def py_splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & (2**64 - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return z ^ (z >> 31)
-
-
-def py_key(seed: int, stream: int) -> int:
-    return py_splitmix64(py_splitmix64(seed) ^ stream) & M32
-
-
-def py_hashed(counter: int, key: int) -> int:
-    return py_mix32(py_mix32(counter ^ key) ^ (key >> 1))
-
-
-def py_rademacher(seed: int, row: int, col: int) -> float:
-    """Entry (row, col) of the unscaled Rademacher matrix, from the documented hash."""
-    row_hash = py_hashed(row, py_key(seed, 0))
-    word = py_mix32(((row_hash + (col // 32) * 0x9E3779B9) & M32) ^ py_key(seed, 1))
-    return 1.0 if (word >> (col % 32)) & 1 else -1.0
-
-
-def py_sparse_matrix(P: int, d: int, seed: int, nnz: int) -> torch.Tensor:
-    """The sparse projection as a dense ``(P, d)`` matrix, built coordinate by coordinate."""
-    S = torch.zeros(P, d, dtype=torch.float64)
-    bounds = [k * d // nnz for k in range(nnz + 1)]
-    for k in range(nnz):
-        key, width = py_key(seed, 2 + k), bounds[k + 1] - bounds[k]
-        for j in range(P):
-            h = py_hashed(j, key)
-            S[j, bounds[k] + (h >> 1) % width] += -1.0 if h & 1 else 1.0
-    return S / math.sqrt(nnz)
-
-
-def dense_matrix(P, d, kind, seed, nnz=4):
-    """The whole projection as a ``(P, d)`` matrix (scaled): ``proj(x) == x @ dense_matrix``."""
-    if kind == "sparse":
-        return py_sparse_matrix(P, d, seed, nnz).float()
-    blocks = []
-    for k in range(math.ceil(P / BLOCK_ROWS)):
-        rows = min(BLOCK_ROWS, P - k * BLOCK_ROWS)
-        blocks.append(projection_block(kind, seed, k, rows, d))
-    return torch.cat(blocks) / math.sqrt(d)
+from tests.testing_utils import dense_matrix, py_rademacher, py_sparse_matrix
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sparse"])

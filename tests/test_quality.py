@@ -17,7 +17,7 @@ from hf_less.evaluation.quality import (
     JUDGE_SYSTEM, RATINGS, AlpaGasusScorer, IFDScorer, JudgeRequestError, JudgeResponseError, LocalJudge, OpenAIJudge,
     SuperfilteringScorer, expected_rating, ifd_order, judge_prompt, parse_score, select_by_ifd, select_by_rating,
 )
-from tests.conftest import make_model, toy_tasks
+from tests.testing_utils import make_model, toy_tasks
 
 
 @pytest.fixture(scope="module")

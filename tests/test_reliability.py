@@ -24,31 +24,19 @@ from hf_less.data import DatasetFormatError, EmptyCompletionError, encode_batch,
 from hf_less.gradients.featurizer import Featurizer, NonFiniteFeatureError
 from hf_less.gradients.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
 
-from .conftest import make_lora_model, make_model, toy_tasks, write_fake_warmup
+from tests.testing_utils import (POOL, SETTINGS, SHARD_ROWS, STEPS, assert_same_store, make_lora_model, make_model,
+                                 make_work, stray_files, toy_tasks)
+from tests.testing_utils import FEW_TARGETS as TARGETS
+from tests.testing_utils import work_config as _config
+from tests.testing_utils import work_selector as selector
 
 SCRIPTS = Path(__file__).parent / "scripts"
-POOL = toy_tasks(6, seed=2)  # 12 rows, half "math"
-TARGETS = [r for r in toy_tasks(3, seed=3) if r["task"] == "math"]
-STEPS = (3, 6)
-SHARD_ROWS = 3  # as in scripts/featurize_child.py: 4 shards of the 12-row pool
-SETTINGS = dict(proj_dim=64, batch_size=2, max_length=64, show_progress=False)
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tokenizer):
     """A warmup with two LESS checkpoints (distinct adapters, random Adam moments), saved model, data."""
-    root = tmp_path_factory.mktemp("reliability")
-    make_model(len(tokenizer)).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_fake_warmup(root / "warmup", tokenizer, STEPS)
-    (root / "pool.json").write_text(json.dumps(POOL))
-    (root / "targets.json").write_text(json.dumps(TARGETS))
-    return root
-
-
-def selector(tokenizer, work, targets=TARGETS, seed=0, **kw):
-    return LessSelector(make_model(len(tokenizer), seed=seed), work / "warmup", targets, tokenizer=tokenizer,
-                        **{**SETTINGS, **kw})
+    return make_work(tmp_path_factory.mktemp("reliability"), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -61,29 +49,6 @@ def reference(sel, tmp_path_factory):
     """An uninterrupted in-process featurization (float32 store) to compare resumed ones with."""
     return sel.featurize(Dataset.from_list(POOL), tmp_path_factory.mktemp("ref") / "store", shard_rows=SHARD_ROWS,
                          dtype="float32")
-
-
-def shard_digests(store: FeatureStore) -> list:
-    return [({k: f["sha256"] for k, f in s["files"].items()}, s["keys"]["sha256"], s["rows"])
-            for s in store.manifest["shards"]]
-
-
-def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
-    """Byte-identical shards (same checksums, same arrays) and nothing else on disk."""
-    assert a.complete and b.complete and a.num_rows == b.num_rows == len(POOL)
-    b.verify()
-    assert shard_digests(a) == shard_digests(b)
-    for step in a.steps:
-        assert np.array_equal(a.features(step).read(0, a.num_rows), b.features(step).read(0, b.num_rows))
-    assert np.array_equal(a.keys(), b.keys())
-    assert stray_files(b) == []
-
-
-def stray_files(store: FeatureStore) -> list[str]:
-    listed = {f["name"] for s in store.manifest["shards"] for f in [*s["files"].values(), s["keys"]]}
-    listed |= {"meta.json", MANIFEST_FILE}
-    return sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*")
-                  if p.is_file() and p.relative_to(store.root).as_posix() not in listed)
 
 
 # -- 1. resume -----------------------------------------------------------------------------------------
@@ -281,11 +246,6 @@ def test_empty_pool_or_targets_are_refused_and_nothing_is_written(tokenizer, wor
         LessSFTTrainer(make_model(len(tokenizer)), args=_config(tmp_path), train_dataset=Dataset.from_list(POOL),
                        target_dataset=[], processing_class=tokenizer)
     assert not (tmp_path / "out").exists()
-
-
-def _config(tmp_path, **kw):
-    return LessSFTConfig(**{**dict(output_dir=str(tmp_path / "out"), less_budget=4, less_proj_dim=32, use_cpu=True,
-                                   report_to=[], max_length=64, disable_tqdm=True), **kw})
 
 
 def test_unrecognised_format_or_bad_values_name_the_row_and_the_fix(sel, tmp_path):

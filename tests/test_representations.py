@@ -10,7 +10,7 @@ from hf_less.data import encode_batch
 from hf_less.scoring.representations import (CosineSimilarity, RepresentationSelector, example_texts, pairwise_cosine,
                                      position_weighted_mean, position_weights, random_features)
 
-from .conftest import make_model, toy_tasks
+from tests.testing_utils import make_model, toy_tasks
 
 
 def test_position_weights_by_hand():

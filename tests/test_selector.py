@@ -14,9 +14,7 @@ from hf_less import LessCallback, LessSelector
 from hf_less.gradients.projection import DEFAULT_KIND
 from hf_less.gradients.store import IncompatibleFeaturesError
 
-from .conftest import lora_config, make_model, toy_tasks
-from .test_features import naive_adam, naive_gradient
-from .test_projection import dense_matrix
+from tests.testing_utils import dense_matrix, lora_config, make_model, naive_adam, naive_gradient, toy_tasks
 
 
 @pytest.fixture(scope="module")

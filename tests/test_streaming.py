@@ -12,7 +12,7 @@ from hf_less.data import EmptyCompletionError
 from hf_less.gradients.featurizer import Featurizer, content_key
 from hf_less.gradients.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
 
-from .conftest import make_model, run_warmup, toy_tasks, write_fake_warmup
+from tests.testing_utils import make_model, run_warmup, toy_tasks, write_fake_warmup
 
 POOL = toy_tasks(6, seed=2)  # 12 rows
 TARGETS = [r for r in toy_tasks(3, seed=3) if r["task"] == "math"]
@@ -272,7 +272,7 @@ def test_capture_refuses_a_one_shot_pool_and_checks_every_row_at_train_begin(tmp
 
 
 def test_two_processes_read_the_same_stream_and_write_one_store(tmp_path, warmup):
-    from .test_distributed import torchrun
+    from tests.testing_utils import torchrun
 
     torchrun("ddp_stream.py", tmp_path, warmup, port=29547)
     dataset, streamed, resumed = (FeatureStore(tmp_path / name) for name in ("dataset", "stream", "resumed"))

@@ -10,29 +10,8 @@ from hf_less import LessSelector, LessSFTConfig, LessSFTTrainer
 from hf_less.gradients.state import find_checkpoints
 from hf_less.selection.record import load_pool_scores, load_selection
 
-from .conftest import lora_config, make_model, toy_tasks
-
-POOL = toy_tasks(6, seed=2)  # 12 rows, half of them "math"
-TARGETS = [r for r in toy_tasks(4, seed=3) if r["task"] == "math"]
-
-
-def config(out, **kw):
-    base = dict(output_dir=str(out), less_budget=4, less_warmup_fraction=0.5, less_warmup_epochs=2,
-                less_warmup_learning_rate=2e-3, less_lora_r=4, less_lora_alpha=8, less_lora_dropout=0.1,
-                less_proj_dim=64, less_batch_size=4, less_store_dtype="float32", per_device_train_batch_size=4,
-                num_train_epochs=1, learning_rate=1e-3, use_cpu=True, bf16=False, report_to=[], max_length=64,
-                disable_tqdm=True, save_strategy="no", seed=0)
-    return LessSFTConfig(**{**base, **kw})
-
-
-def as_format(rows, fmt):
-    if fmt == "prompt_completion":
-        return Dataset.from_list(rows)
-    if fmt == "messages":
-        return Dataset.from_list([{"messages": [{"role": "user", "content": r["prompt"]},
-                                                {"role": "assistant", "content": r["completion"]}]} for r in rows])
-    return Dataset.from_list([{"text": r["prompt"] + r["completion"]} for r in rows])
-
+from tests.testing_utils import POOL, TARGETS, as_format, lora_config, make_model
+from tests.testing_utils import trainer_config as config
 
 class Logs(TrainerCallback):
     def __init__(self):

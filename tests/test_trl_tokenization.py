@@ -16,7 +16,7 @@ from datasets import Dataset
 
 from hf_less.data import IGNORE_INDEX, PromptBoundaryWarning, encode_batch, trl_completion_rules
 
-from .conftest import CHAT_TEMPLATE, make_model, make_tokenizer
+from tests.testing_utils import CHAT_TEMPLATE, make_model, make_tokenizer
 
 # CHAT_TEMPLATE with the assistant turns in a generation block, so trl can return assistant masks;
 # it renders exactly the same text.

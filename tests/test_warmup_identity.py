@@ -18,20 +18,12 @@ from hf_less.gradients.state import RUN_FILE, find_checkpoints
 from hf_less.selection.record import load_pool_scores, load_selection
 from hf_less.training.warmup import warmup_lr_factor
 
-from .conftest import lora_config, make_lora_model, make_model, make_tokenizer
-from .test_callback import collator, tokenized_dataset
-from .test_trainer import POOL, TARGETS, as_format, config
+from tests.testing_utils import (POOL, TARGETS, as_format, collator, make_lora_model, make_model, make_tokenizer,
+                                 tokenized_dataset, trainer_for)
 
 
 class Recomputed(Exception):
     """Raised by a patched step: the selection was computed again instead of reused."""
-
-
-def trainer_for(out, tokenizer, model=None, pool=None, **kw):
-    return LessSFTTrainer(model if model is not None else make_model(len(tokenizer)), args=config(out, **kw),
-                          train_dataset=pool if pool is not None else Dataset.from_list(POOL),
-                          target_dataset=Dataset.from_list(TARGETS), processing_class=tokenizer,
-                          peft_config=lora_config())
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from datasets import Dataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from hf_less import LessCallback, LessSelector  # noqa: E402
 from hf_less.gradients.featurizer import Featurizer  # noqa: E402
-from tests.conftest import make_lora_model, make_model, make_tokenizer, toy_tasks  # noqa: E402
+from tests.testing_utils import make_lora_model, make_model, make_tokenizer, toy_tasks  # noqa: E402
 from teardown import finish  # noqa: E402
 
 POOL = toy_tasks(7, seed=4)[:13]  # 13 rows: does not divide between 2 processes
@@ -61,7 +61,7 @@ def capture(out):
     cb = LessCallback(pool=POOL, targets=TARGETS, proj_dim=32, batch_size=2, shard_rows=4,
                       projection_buffer_bytes=1, dtype="float32", show_progress=False)
     torch.manual_seed(0)
-    from tests.conftest import lora_config
+    from tests.testing_utils import lora_config
     SFTTrainer(make_model(len(tok)), args=args, train_dataset=Dataset.from_list(toy_tasks(4, seed=1)),
                processing_class=tok, peft_config=lora_config(), callbacks=[cb]).train()
     finish()

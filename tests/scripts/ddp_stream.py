@@ -20,7 +20,7 @@ from datasets import Dataset, IterableDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from hf_less import LessSelector  # noqa: E402
 from hf_less.gradients.store import MANIFEST_FILE, IncompatibleFeaturesError  # noqa: E402
-from tests.conftest import make_model, make_tokenizer, toy_tasks  # noqa: E402
+from tests.testing_utils import make_model, make_tokenizer, toy_tasks  # noqa: E402
 from teardown import finish  # noqa: E402
 
 POOL = toy_tasks(7, seed=4)[:13]  # 13 rows: shards of 5, 5, 3

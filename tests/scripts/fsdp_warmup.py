@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerControl, TrainingArguments
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from hf_less import LessCallback  # noqa: E402
 from hf_less.data import collate, encode_batch  # noqa: E402
-from tests.conftest import make_lora_model, make_tokenizer, toy_tasks  # noqa: E402
+from tests.testing_utils import make_lora_model, make_tokenizer, toy_tasks  # noqa: E402
 from teardown import finish  # noqa: E402
 from writes import spy_on_writes  # noqa: E402
 
