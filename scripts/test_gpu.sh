@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 "$PY" -c "import torch; print(torch.cuda.get_device_name(0), torch.__version__)" | tee "$OUT/device.txt"
-"$PY" -m pytest -q -m gpu -rs tests/test_projection.py tests/test_features.py | tee "$OUT/gpu_tests.txt"
+"$PY" -m pytest -q -m gpu -rs tests/gradients/test_projection.py tests/gradients/test_featurizer.py | tee "$OUT/gpu_tests.txt"
 [ "${1:-}" = "--tests" ] && exit 0
 # The paper's shape: 32 layers, hidden 4096, r=128 on q/k/v/o (P = 134M), d = 8192, 371-token examples.
 "$PY" examples/bench/featurize_scale.py --preset llama2-7b --json "$OUT/featurize_scale_7b.json" | tee "$OUT/featurize_scale_7b.txt"

@@ -23,7 +23,8 @@ print(f"lowest versions: transformers {got[0]}, trl {got[1]}")
 EOF
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$#" -eq 0 ]; then
-  set -- tests/test_trainer.py tests/test_warmup_identity.py tests/test_data.py tests/test_trl_tokenization.py
+  set -- tests/training/test_trainer.py tests/training/test_config.py tests/training/test_warmup.py \
+    tests/gradients/test_state.py tests/utils/test_identity.py tests/test_data.py tests/test_trl_tokenization.py
 fi
 # pytest exits 5 when it collects no test: a failure here too (set -e), never a pass. A run in which every
 # test was skipped (e.g. a dependency missing in this venv) tested nothing either: refused below.

@@ -299,10 +299,10 @@ def trainer_for(out, tokenizer, model=None, pool=None, **kw):
 
 
 # -- a fake warmup with a saved model: featurize, resume, refuse -----------------------------------------
-# (tests/scripts/featurize_child.py reads the same directory, with the same settings)
+# (tests/integration/scripts/featurize_child.py reads the same directory, with the same settings)
 
 STEPS = (3, 6)
-SHARD_ROWS = 3  # as in scripts/featurize_child.py: 4 shards of the 12-row pool
+SHARD_ROWS = 3  # as in integration/scripts/featurize_child.py: 4 shards of the 12-row pool
 SETTINGS = dict(proj_dim=64, batch_size=2, max_length=64, show_progress=False)
 
 
@@ -359,7 +359,7 @@ def stray_files(store) -> list[str]:
 
 # -- several processes -----------------------------------------------------------------------------------
 
-SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPTS = Path(__file__).parent / "integration" / "scripts"
 
 
 def torchrun(script, *args, nproc=2, port=29517, timeout=420):
@@ -371,7 +371,7 @@ def torchrun(script, *args, nproc=2, port=29517, timeout=420):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        # the scripts dump every thread's stack on SIGUSR1 (tests/scripts/teardown.py): show where it hangs
+        # the scripts dump every thread's stack on SIGUSR1 (integration/scripts/teardown.py): show where it hangs
         os.killpg(proc.pid, signal.SIGUSR1)
         time.sleep(5)
         os.killpg(proc.pid, signal.SIGKILL)

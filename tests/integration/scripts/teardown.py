@@ -12,7 +12,7 @@ import sys
 
 import torch.distributed as dist
 
-# tests/test_distributed.py sends SIGUSR1 to a run that overstays, to see where each rank waits.
+# tests/testing_utils.py (torchrun) sends SIGUSR1 to a run that overstays, to see where each rank waits.
 faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
 

@@ -1,4 +1,4 @@
-"""Featurization and capture under torchrun (gloo, CPU); run by tests/test_distributed.py.
+"""Featurization and capture under torchrun (gloo, CPU); run by tests/integration/test_distributed.py.
 
     ddp_featurize.py split OUT      Featurizer(split=True) and LessSelector.featurize on every rank
     ddp_featurize.py capture OUT    a Trainer warmup with LessCallback(pool=..., targets=...)
@@ -10,7 +10,7 @@ import sys
 import torch
 from datasets import Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 from hf_less import LessCallback, LessSelector  # noqa: E402
 from hf_less.gradients.featurizer import Featurizer  # noqa: E402
 from tests.testing_utils import make_lora_model, make_model, make_tokenizer, toy_tasks  # noqa: E402

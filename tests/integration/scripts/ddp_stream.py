@@ -1,4 +1,4 @@
-"""A streamed pool featurized under torchrun (gloo, CPU); run by tests/test_streaming.py.
+"""A streamed pool featurized under torchrun (gloo, CPU); run by tests/integration/test_streaming.py.
 
     ddp_stream.py OUT WARMUP
 
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from datasets import Dataset, IterableDataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 from hf_less import LessSelector  # noqa: E402
 from hf_less.gradients.store import MANIFEST_FILE, IncompatibleFeaturesError  # noqa: E402
 from tests.testing_utils import make_model, make_tokenizer, toy_tasks  # noqa: E402

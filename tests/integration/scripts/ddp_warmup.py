@@ -1,4 +1,4 @@
-"""A warmup under torchrun (gloo, CPU) with LessCallback; run by tests/test_distributed.py."""
+"""A warmup under torchrun (gloo, CPU) with LessCallback; run by tests/integration/test_distributed.py."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 from hf_less import LessCallback  # noqa: E402
 from hf_less.data import collate, encode_batch  # noqa: E402
 from hf_less.gradients.per_example import parameter_key  # noqa: E402

@@ -139,11 +139,3 @@ def test_separate_output_dir_is_a_complete_warmup(tmp_path, tokenizer):
     ckpts = find_checkpoints(tmp_path / "less")
     assert [c.step for c in ckpts] == [1, 2]
     assert all((c.path / "adapter_model.safetensors").exists() for c in ckpts)
-
-
-def test_warmup_without_less_state_says_how_to_make_one(tmp_path):
-    (tmp_path / "checkpoint-5").mkdir()
-    with pytest.raises(FileNotFoundError, match="no LESS state.*LessCallback"):
-        find_checkpoints(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        find_checkpoints(tmp_path / "nope")

@@ -1,4 +1,4 @@
-"""LoRA warmups under torchrun (gloo, CPU) with LessCallback, sharded and not; run by tests/test_fsdp.py.
+"""LoRA warmups under torchrun (gloo, CPU) with LessCallback, sharded and not; run by tests/integration/test_fsdp.py.
 
 ``fsdp_warmup.py MODE OUT``:
 
@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerControl, TrainingArguments
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 from hf_less import LessCallback  # noqa: E402
 from hf_less.data import collate, encode_batch  # noqa: E402
 from tests.testing_utils import make_lora_model, make_tokenizer, toy_tasks  # noqa: E402

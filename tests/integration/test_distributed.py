@@ -63,7 +63,7 @@ def test_two_process_capture_equals_one_process(tmp_path):
 def test_example_under_torchrun_selects_as_one_process(tmp_path, tokenizer):
     from hf_less.selection.record import load_selection
 
-    example = Path(__file__).parents[1] / "examples" / "sft_with_less.py"
+    example = Path(__file__).parents[2] / "examples" / "sft_with_less.py"
     # a warmup without captured features: the pool is featurized across the processes
     torchrun("ddp_warmup.py", tmp_path / "warmup", port=29523)
     reuse = ["--less_warmup_dir", tmp_path / "warmup"]
@@ -81,7 +81,7 @@ def test_example_under_torchrun_selects_as_one_process(tmp_path, tokenizer):
 def test_example_under_torchrun_runs_its_own_warmup(tmp_path, tokenizer):
     from hf_less.selection.record import load_selection
 
-    example = Path(__file__).parents[1] / "examples" / "sft_with_less.py"
+    example = Path(__file__).parents[2] / "examples" / "sft_with_less.py"
     torchrun(example, *example_args(tmp_path, tokenizer, tmp_path / "out", "--less_warmup_fraction", "0.5",
                                     "--less_warmup_epochs", "2", "--less_lora_r", "4", "--less_lora_alpha", "8",
                                     "--less_warmup_learning_rate", "1e-3"), port=29526)

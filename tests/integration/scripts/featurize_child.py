@@ -1,4 +1,4 @@
-"""Run ``LessSelector.featurize`` in a child process; tests/test_reliability.py kills it mid-run.
+"""Run ``LessSelector.featurize`` in a child process; tests/integration/test_store_crash.py kills it mid-run.
 
     featurize_child.py WORK STORE [STORE ...] [--slow SECONDS]
 

@@ -1,17 +1,22 @@
 """LessSFTTrainer: warmup -> capture -> select -> train, in one call, with real SFTTrainer runs."""
 
+import json
+import logging
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import TrainerCallback
 
-from hf_less import LessSelector, LessSFTConfig, LessSFTTrainer
-from hf_less.gradients.state import find_checkpoints
+from hf_less import LessSelector, LessSFTTrainer
+from hf_less.gradients.state import RUN_FILE, find_checkpoints
 from hf_less.selection.record import load_pool_scores, load_selection
 
-from tests.testing_utils import POOL, TARGETS, as_format, lora_config, make_model
+from tests.testing_utils import POOL, TARGETS, as_format, lora_config, make_model, trainer_for
 from tests.testing_utils import trainer_config as config
+
 
 class Logs(TrainerCallback):
     def __init__(self):
@@ -30,45 +35,6 @@ def dataloader_texts(trainer, tokenizer):
             toks = tokenizer.convert_ids_to_tokens([int(i) for i, m in zip(ids, mask) if m and int(i) not in specials])
             texts.append("".join(toks))
     return texts
-
-
-def test_config_is_read_from_the_command_line(tmp_path):
-    (c,) = HfArgumentParser(LessSFTConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--less_budget", "0.25", "--less_strategy", "random",
-         "--less_lora_target_modules", "q_proj", "v_proj", "--less_proj_dim", "0", "--less_warmup_dir", "w",
-         "--learning_rate", "1e-4", "--use_cpu", "true"])
-    assert (c.less_budget_value, c.less_strategy, c.less_lora_target_modules) == (0.25, "random", ["q_proj", "v_proj"])
-    assert c.less_projection_dim is None and c.less_warmup_dir == "w" and c.learning_rate == 1e-4
-    assert (c.less_warmup_fraction, c.less_warmup_epochs) == (0.05, 4)  # the paper's defaults
-    assert config(tmp_path, less_budget=300).less_budget_value == 300
-
-
-@pytest.mark.parametrize("kw,message", [({"less_budget": 0}, r"less_budget=0 must be a count >= 1"),
-                                        ({"less_budget": -2}, r"less_budget=-2 must be a count >= 1"),
-                                        ({"less_budget": 2.5}, r"less_budget=2.5 as a fraction must be in \(0, 1\]"),
-                                        ({"less_budget": 300.0}, r"less_budget=300.0 .*give the int 300"),
-                                        ({"less_budget": "1.5"}, r"less_budget=1.5 as a fraction"),
-                                        ({"less_strategy": "best"}, "less_strategy"),
-                                        ({"less_warmup_fraction": 0}, "less_warmup_fraction")])
-def test_config_refuses_bad_values(tmp_path, kw, message):
-    with pytest.raises(ValueError, match=message):
-        config(tmp_path, **kw)
-
-
-def test_config_budget_is_the_selectors_convention(tmp_path):
-    """1 is one example and 1.0 the whole pool, from Python and from the command line alike (issue 15)."""
-    from hf_less.selection import strategies as selectors
-
-    parse = lambda text: HfArgumentParser(LessSFTConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--less_budget", text])[0].less_budget_value
-    for given, want in ((1, 1), (1.0, 12), ("1", 1), ("1.0", 12), (0.25, 3), (12, 12), (0.001, 1)):
-        budget = config(tmp_path, less_budget=given).less_budget_value
-        assert selectors.resolve_budget(budget, len(POOL)) == want, given
-        if isinstance(given, str):
-            assert parse(given) == budget and type(parse(given)) is type(budget)
-    assert (type(parse("1")), type(parse("1.0"))) == (int, float)
-    with pytest.raises(SystemExit):  # argparse reports the convention's message and exits
-        parse("0")
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +199,33 @@ def test_trainer_budget_is_a_count_or_a_fraction(run, tokenizer, tmp_path, budge
     full_order = list(np.argsort(-load_pool_scores(out), kind="stable"))
     assert chosen == full_order[:k]
     assert load_selection(tmp_path).budget == budget and type(load_selection(tmp_path).budget) is type(budget)
+
+
+# -- stale warmup checkpoints (issue 15, item 3) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory, tokenizer):
+    """One LessSFTTrainer selection with a 2-epoch warmup (2 steps per epoch: checkpoint-2, checkpoint-4)."""
+    out = tmp_path_factory.mktemp("warm")
+    trainer_for(out, tokenizer).select_data()
+    return out
+
+
+def test_a_rerun_with_fewer_epochs_restarts_the_warmup(warm, tmp_path, tokenizer, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(warm, out)
+    assert [c.step for c in find_checkpoints(out / "less_warmup")] == [2, 4]
+    with caplog.at_level(logging.WARNING, logger="hf_less.training.trainer"):
+        rerun = trainer_for(out, tokenizer, less_warmup_epochs=1)
+        rerun.select_data()
+    restart = [r.getMessage() for r in caplog.records if "Restarting the LESS warmup" in r.getMessage()]
+    assert len(restart) == 1
+    assert "['checkpoint-2', 'checkpoint-4']" in restart[0] and "settings.less_warmup_epochs: 2 -> 1" in restart[0]
+    # only the new run's checkpoint is left, and the scores are those of a warmup in a clean directory
+    assert [c.step for c in find_checkpoints(out / "less_warmup")] == [2]
+    assert json.loads((out / "less_warmup" / RUN_FILE).read_text())["settings"]["less_warmup_epochs"] == 1
+    clean = tmp_path / "clean"
+    trainer_for(clean, tokenizer, less_warmup_epochs=1).select_data()
+    np.testing.assert_allclose(load_pool_scores(out), load_pool_scores(clean), atol=1e-6)
+    assert rerun.selected_indices == load_selection(clean).indices
