@@ -12,6 +12,8 @@ from hf_less.gradients.store import FeatureStore
 
 from tests.testing_utils import example_args, torchrun
 
+pytestmark = pytest.mark.integration
+
 
 def test_two_process_warmup_writes_once(tmp_path):
     torchrun("ddp_warmup.py", tmp_path)

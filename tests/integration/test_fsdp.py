@@ -21,6 +21,8 @@ from hf_less.gradients.sharded import FSDP_CAPTURE_REFUSAL
 
 from tests.testing_utils import example_args, make_lora_model, torchrun
 
+pytestmark = pytest.mark.integration
+
 
 def full_shapes(tokenizer) -> dict[str, tuple[int, ...]]:
     return {parameter_key(n): tuple(p.shape) for n, p in make_lora_model(tokenizer).named_parameters()

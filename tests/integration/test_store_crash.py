@@ -20,6 +20,8 @@ from hf_less.gradients.store import MANIFEST_FILE, FeatureStore
 from tests.testing_utils import POOL, SCRIPTS, SHARD_ROWS, STEPS, assert_same_store, make_work
 from tests.testing_utils import work_selector as selector
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tokenizer):

@@ -7,6 +7,8 @@ from hf_less.gradients.store import FeatureStore
 
 from tests.testing_utils import STEPS, torchrun, write_fake_warmup
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def warmup(tmp_path_factory, tokenizer):
