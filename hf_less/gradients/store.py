@@ -33,8 +33,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from ..utils import distributed
 from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256
+from .featurizer import content_keys
 
 logger = logging.getLogger(__name__)
 
@@ -327,3 +330,50 @@ class FeatureStore:
             for f in [*s["files"].values(), *([s["keys"]] if "keys" in s else [])]:
                 if file_sha256(self.root / f["name"]) != f["sha256"]:
                     raise IOError(f"Shard {f['name']} in {str(self.root)!r} is corrupt (checksum mismatch).")
+
+
+class StoreWriter:
+    """The one shard-writing loop of a keyed store, for the capture and for ``LessSelector.featurize``.
+
+    Every process computes the features of the same shards (the featurizer shares each shard's
+    work out across processes); the main process alone creates or resumes the store (``create``)
+    and writes. ``done`` (rows already stored by an interrupted run, where to resume) and ``rows``
+    (the store's row count, None for a stream) are the same on every process. The progress bar
+    starts at ``done`` and counts ``rows`` rows (``unknown_total`` when the store does not know them).
+
+    >>> writer = StoreWriter(lambda: FeatureStore.create(root, meta), "pool features", show_progress=True)
+    >>> for encoded, per_step in shards_after(writer.done):
+    ...     writer.write(per_step, encoded)
+    >>> writer.close()          # the store marked complete; callers add their own barrier
+    """
+
+    def __init__(self, create, desc: str, show_progress: bool = True, unknown_total: int | None = None):
+        self.main = distributed.is_main_process()
+        self.store: FeatureStore | None = None
+
+        def open_store() -> tuple[int, int | None]:
+            self.store = create()
+            return self.store.num_rows, self.store.meta.get("rows")
+
+        self.done, self.rows = distributed.on_main(open_store)
+        self.written = self.done
+        self.bar = tqdm(total=self.rows if self.rows is not None else unknown_total, initial=self.done, unit="ex", desc=desc,
+                        disable=not (show_progress and self.main))
+
+    def write(self, per_step: dict[int, np.ndarray], encoded, skipped: list[int] | None = None,
+              rows_read: int | None = None) -> None:
+        """Append the shard of ``encoded`` examples (their content keys go with it; see :meth:`FeatureStore.write_shard`).
+
+        ``rows_read``: the dataset rows the shard stands for (default ``len(encoded)``); the bar is
+        set to the rows written so far, whatever the featurizer advanced it by meanwhile.
+        """
+        if self.main:
+            self.store.write_shard(per_step, content_keys(encoded), skipped=skipped)
+        self.written += len(encoded) if rows_read is None else rows_read
+        self.bar.update(self.written - self.bar.n)
+
+    def close(self) -> None:
+        """Close the bar and mark the store complete (main process)."""
+        self.bar.close()
+        if self.main:
+            self.store.finish()

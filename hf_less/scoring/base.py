@@ -8,12 +8,45 @@ or a ``filter`` predicate with one budget rule (:func:`hf_less.selection.strateg
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
+from typing import Any
 
 import numpy as np
 
 from ..selection import strategies
+from ..gradients.featurizer import rows_of
 from ..selection.filters import keep_indices
+
+
+def load_causal_lm(model: Any, tokenizer=None):
+    """``(model, tokenizer)``: ``model`` as given, or loaded from a local path / hub name with its tokenizer
+    (unless ``tokenizer`` is given)."""
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        model = AutoModelForCausalLM.from_pretrained(model)
+    return model, tokenizer
+
+
+def target_columns(targets: Any, subtask_column: str | None) -> tuple[dict[str, list], list | None]:
+    """``(columns, subtask labels or None)`` of the target examples, refusing none or a missing subtask column."""
+    columns = rows_of(targets)
+    if not columns or not next(iter(columns.values())):
+        raise ValueError("targets is empty: selection needs a few examples of the target task.")
+    if subtask_column is not None and subtask_column not in columns:
+        raise ValueError(f"subtask_column={subtask_column!r} is not a column of targets {sorted(columns)}.")
+    labels = columns.pop(subtask_column) if subtask_column else None
+    return columns, labels
+
+
+def fingerprint_of(identity: dict) -> str:
+    """16 hex characters naming a scorer's identity (the ``datasets`` cache key of its ``map``)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class TargetScorer:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import warnings
@@ -17,14 +16,14 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..data import detect_format, empty_rows
-from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, content_keys, rows_of
+from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, content_keys
 from ..gradients.projection import DEFAULT_KIND
 from ..gradients.state import LessCheckpoint, find_checkpoints
-from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, check_compatible
+from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, StoreWriter, check_compatible
 from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
 from ..utils import distributed
 from ..utils.identity import tokenizer_identity
-from .base import TargetScorer, register_datasets_hash
+from .base import TargetScorer, fingerprint_of, load_causal_lm, register_datasets_hash, target_columns
 from .similarity import less_score, subtask_index, weighted_sims
 
 logger = logging.getLogger(__name__)
@@ -97,12 +96,7 @@ class LessSelector(TargetScorer):
     ):
         self.checkpoints: list[LessCheckpoint] = find_checkpoints(warmup_dir, checkpoints)
         self.warmup_dir = Path(warmup_dir)
-        if isinstance(model, (str, os.PathLike)):
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(model)
-            model = AutoModelForCausalLM.from_pretrained(model)
+        model, tokenizer = load_causal_lm(model, tokenizer)
         self.model = self._with_adapter(model)
         if device is not None:
             self.model.to(device)
@@ -128,12 +122,7 @@ class LessSelector(TargetScorer):
         }
         self.use_captured = use_captured
         self._captured_pool = [self._captured(c, "pool") for c in self.checkpoints]
-        columns = rows_of(targets)
-        if not columns or not next(iter(columns.values())):
-            raise ValueError("targets is empty: LESS needs a few examples of the target task.")
-        if subtask_column is not None and subtask_column not in columns:
-            raise ValueError(f"subtask_column={subtask_column!r} is not a column of targets {sorted(columns)}.")
-        labels = columns.pop(subtask_column) if subtask_column else None
+        columns, labels = target_columns(targets, subtask_column)
         encoded = self.featurizer.encode(columns, "targets")
         # The target rows kept (on_empty_completion="skip" drops those with no completion token).
         empty = set(empty_rows(encoded))
@@ -154,12 +143,12 @@ class LessSelector(TargetScorer):
         self.target_features = [self._target_features(encoded, i) for i in range(len(self.checkpoints))]
         # The tokenizer too: a pool mapped after a chat-template change is tokenized differently, so
         # scores cached under the old template must not be reused.
-        self.fingerprint = hashlib.sha256(json.dumps({
+        self.fingerprint = fingerprint_of({
             **self.identity,
             "targets": [hashlib.sha256(f.numpy().tobytes()).hexdigest() for f in self.target_features],
             "subtasks": self.subtask_ids.tolist(),
             "tokenizer": tokenizer_identity(tokenizer),
-        }, sort_keys=True).encode()).hexdigest()[:16]
+        })
 
     @property
     def has_captured_pool(self) -> bool:
@@ -329,19 +318,11 @@ class LessSelector(TargetScorer):
         detect_format(columns)  # an unrecognised format fails before anything is written
         meta = {**self.identity, "representation": self.featurizer.pool_representation, "dtype": dtype, "keyed": True,
                 "rows": known_rows(dataset), "fingerprint": getattr(dataset, "_fingerprint", None)}
-        main = distributed.is_main_process()
-        store = None
-
-        def open_store() -> tuple[int, int | None]:  # the main process writes; every process learns where to resume
-            nonlocal store
-            store = FeatureStore.create(store_dir, meta)
-            return store.num_rows, store.meta.get("rows")
-
-        done, rows = distributed.on_main(open_store)
+        writer = StoreWriter(lambda: FeatureStore.create(store_dir, meta), "pool features", self.show_progress,
+                             unknown_total=expected_rows(dataset))
+        done, rows = writer.done, writer.rows
         if done:
-            self._check_resumed_rows(reader, store, done, shard_rows)
-        bar = tqdm(total=rows if rows is not None else expected_rows(dataset), initial=done, desc="pool features",
-                   unit="ex", disable=not (self.show_progress and main))
+            self._check_resumed_rows(reader, writer.store, done, shard_rows)
         start = done
         while batch := reader.take(shard_rows):
             n = num_rows(batch)
@@ -364,12 +345,8 @@ class LessSelector(TargetScorer):
                     full = np.zeros((len(encoded), feats.shape[1]), dtype=feats.dtype)
                     full[ok] = feats
                     per_step[step] = full
-            if main:
-                keys = content_keys(encoded)
-                store.write_shard(per_step, keys, skipped=sorted(set(range(len(encoded))) - set(ok)))
+            writer.write(per_step, encoded, skipped=sorted(set(range(len(encoded))) - set(ok)), rows_read=n)
             start += n
-            bar.update(n)
-        bar.close()
         if rows is not None and start < rows:
             raise IncompatibleFeaturesError(
                 f"Cannot finish {str(store_dir)!r}: it was begun for a pool of {rows} rows and this pool has "
@@ -378,10 +355,9 @@ class LessSelector(TargetScorer):
         if done:
             logger.info("Resumed %s: %d rows kept from the interrupted run, %d computed.", store_dir, done,
                         start - done)
-        if main:
-            store.finish()
+        writer.close()
         distributed.barrier()
-        return store
+        return writer.store
 
     def _check_resumed_rows(self, reader: RowReader, store: FeatureStore | None, done: int, chunk: int) -> None:
         """Read past the pool's first ``done`` rows, ``chunk`` at a time, refusing to resume a store

@@ -30,10 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import collate, detect_format, encode_batch, pad_token_id, padding_side
-from ..gradients.featurizer import rows_of
 from ..selection import strategies as selectors
 from ..utils.identity import tokenizer_identity
-from .base import TargetScorer, register_datasets_hash
+from .base import TargetScorer, fingerprint_of, load_causal_lm, register_datasets_hash, target_columns
 from .similarity import less_score, normalize, subtask_index
 
 REPRESENTATIONS = ("rds", "embedding", "random")
@@ -307,12 +306,7 @@ class RepresentationSelector(TargetScorer):
         if representation == "rds":
             if model is None:
                 raise ValueError("representation='rds' needs model= the base causal LM (or a local path).")
-            if isinstance(model, (str, os.PathLike)):
-                from transformers import AutoModelForCausalLM, AutoTokenizer
-
-                if tokenizer is None:
-                    self.tokenizer = AutoTokenizer.from_pretrained(model)
-                model = AutoModelForCausalLM.from_pretrained(model)
+            model, self.tokenizer = load_causal_lm(model, tokenizer)
             if device is not None:
                 model.to(device)
             self.model = model
@@ -322,20 +316,15 @@ class RepresentationSelector(TargetScorer):
             identity.update(model=_module_digest(self.model))
         else:
             identity.update(dim=self.dim, seed=self.seed)
-        columns = rows_of(targets)
-        if not columns or not next(iter(columns.values())):
-            raise ValueError("targets is empty: selection needs a few examples of the target task.")
-        if subtask_column is not None and subtask_column not in columns:
-            raise ValueError(f"subtask_column={subtask_column!r} is not a column of targets {sorted(columns)}.")
-        self.subtask_ids, self.subtask_names = subtask_index(
-            columns.pop(subtask_column) if subtask_column else None, len(next(iter(columns.values()))))
+        columns, labels = target_columns(targets, subtask_column)
+        self.subtask_ids, self.subtask_names = subtask_index(labels, len(next(iter(columns.values()))))
         self.target_features = self.features(columns)
         self.num_targets = len(self.target_features)
         identity["targets"] = hashlib.sha256(self.target_features.numpy().tobytes()).hexdigest()
         identity["subtasks"] = self.subtask_ids.tolist()
         # The tokenizer (and its chat template) decides what an rds pool row is, and how a tokenized one decodes.
         identity["tokenizer"] = tokenizer_identity(self.tokenizer)
-        self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.fingerprint = fingerprint_of(identity)
 
     def features(self, columns: Mapping[str, Sequence[Any]]) -> torch.Tensor:
         """``(B, d)`` float32 L2-normalised features of a batch of examples (dict of columns)."""

@@ -14,16 +14,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..data import n_scored
 from ..gradients import sharded
-from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of, content_keys
+from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of
 from ..gradients.per_example import AdamMoments, parameter_key, trainable_parameters
 from ..gradients.projection import DEFAULT_KIND
 from ..gradients.state import LessCheckpoint, captured_dir, save_less_state
-from ..gradients.store import FeatureStore, IncompatibleFeaturesError
+from ..gradients.store import FeatureStore, IncompatibleFeaturesError, StoreWriter
 from ..gradients.streaming import RowReader, is_one_shot, known_rows, num_rows
 from ..utils import distributed
 
@@ -296,30 +295,15 @@ class LessCallback(TrainerCallback):
                                                               else "less-grad"),
                         "checkpoints": [{"step": step, "digest": digest}], "dtype": self.dtype,
                         "keyed": True, "rows": rows}
-                store = None
-
-                def open_store() -> int:  # the main process writes; every process learns where to resume
-                    nonlocal store
-                    store = _fresh_store(captured_dir(ckpt, which), meta)
-                    return store.num_rows
-
-                done = distributed.on_main(open_store)
-                bar = tqdm(total=rows, initial=done, unit="ex", desc=f"LESS capture {which} (step {step})",
-                           disable=not (main and self.capture_settings["show_progress"]))
-                written = done
-                for chunk in self._shards(which, done):
+                writer = StoreWriter(lambda: _fresh_store(captured_dir(ckpt, which), meta),
+                                     f"LESS capture {which} (step {step})", self.capture_settings["show_progress"])
+                for chunk in self._shards(which, writer.done):
                     # The featurizer advances a bar with a total only (it clips at the total).
                     feats = self._featurizer(chunk, moments if which == "pool" else None, split=True,
-                                             progress=bar if rows is not None else None)
-                    if main:
-                        keys = content_keys(chunk)
-                        store.write_shard({step: feats.numpy()}, keys)
-                    written += len(chunk)
-                    bar.update(written - bar.n)  # exact at each shard's end
-                bar.close()
-                captured += written
-                if main:
-                    store.finish()
+                                             progress=writer.bar if rows is not None else None)
+                    writer.write({step: feats.numpy()}, chunk)
+                writer.close()
+                captured += writer.written
         seconds = time.perf_counter() - start
         self.capture_seconds += seconds
         if main:
