@@ -254,7 +254,7 @@ def transfer_splits(tokenizer, args):
     pool's tasks are the first ``--pool_tasks`` of a fixed shuffle of ALL task names that are neither
     excluded nor too small, so pools that exclude different targets share most of their tasks.
     """
-    from hf_less.cli.bigbench import BigBenchArchive, _dataset, _shuffled, task_examples
+    from hf_less.cli.bigbench import BigBenchArchive, as_dataset, shuffled, task_examples
 
     bb = BigBenchArchive()
     targets = list(args.targets)
@@ -263,23 +263,23 @@ def transfer_splits(tokenizer, args):
     per_target = {}
     need = args.num_targets + args.num_eval
     for t in targets:
-        rows = fitting(tokenizer, _shuffled(task_examples(bb, t, args.max_chars), 0, t), args.max_length, need)
+        rows = fitting(tokenizer, shuffled(task_examples(bb, t, args.max_chars), 0, t), args.max_length, need)
         if len(rows) < need:
             raise SystemExit(f"Target task {t!r} has {len(rows)} usable examples; {need} are needed.")
-        per_target[t] = (_dataset(rows[:args.num_targets]), _dataset(rows[args.num_targets:need]))
+        per_target[t] = (as_dataset(rows[:args.num_targets]), as_dataset(rows[args.num_targets:need]))
     pool, used = [], []
-    for t in _shuffled(bb.task_names(), 0, "tasks"):
+    for t in shuffled(bb.task_names(), 0, "tasks"):
         if len(used) == args.pool_tasks:
             break
         if t in excluded:
             continue
-        rows = fitting(tokenizer, _shuffled(task_examples(bb, t, args.max_chars), 0, t), args.max_length,
+        rows = fitting(tokenizer, shuffled(task_examples(bb, t, args.max_chars), 0, t), args.max_length,
                        max(args.examples_per_task, args.min_task_examples))
         if len(rows) < args.min_task_examples:
             continue
         used.append(t)
         pool += rows[:args.examples_per_task]
-    return _dataset(_shuffled(pool, 0, "pool")), per_target, sorted(used)
+    return as_dataset(shuffled(pool, 0, "pool")), per_target, sorted(used)
 
 
 def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dict[str, np.ndarray]:

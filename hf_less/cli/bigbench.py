@@ -529,13 +529,15 @@ class BigBenchSplits:
                 "target_in_pool": sum(t == self.config.target_task.split(":")[0] for t in tasks)}
 
 
-def _shuffled(rows: list[dict], seed: int, salt: str) -> list[dict]:
+def shuffled(rows: list[dict], seed: int, salt: str) -> list[dict]:
+    """``rows`` in a seeded order that depends on ``salt`` too (e.g. the task name), stable across processes."""
     rows = list(rows)
     random.Random(f"{seed}:{salt}").shuffle(rows)  # str seeds are stable across processes
     return rows
 
 
-def _dataset(rows: list[dict]):
+def as_dataset(rows: list[dict]):
+    """BIG-bench example rows as a ``Dataset`` with fixed features (prompt, completion, task, subtask, id, options)."""
     from datasets import Dataset, Features, Value
     from datasets import Sequence as Seq
 
@@ -565,7 +567,7 @@ def load_bigbench(config: BigBenchConfig | None = None, archive: str | os.PathLi
     tasks = [t for t in tasks if t.split(":")[0] != target_top] + [target]
     bb.extract(tasks)  # fails early on an unknown task; one archive pass for every file not yet copied
     need = config.num_targets + config.num_eval + 1
-    target_rows = _shuffled(task_examples(bb, target, config.max_chars), config.seed, target)
+    target_rows = shuffled(task_examples(bb, target, config.max_chars), config.seed, target)
     if len(target_rows) < need:
         raise ValueError(
             f"Task {target!r} has {len(target_rows)} usable examples (max_chars={config.max_chars}); "
@@ -578,9 +580,9 @@ def load_bigbench(config: BigBenchConfig | None = None, archive: str | os.PathLi
         rows = task_examples(bb, t, config.max_chars)
         if not rows:
             logger.warning("BIG-bench task %r has no example within max_chars=%s; skipped.", t, config.max_chars)
-        pool += _shuffled(rows, config.seed, t)[: config.examples_per_task]
-    pool = _shuffled(pool, config.seed, "pool")
-    return BigBenchSplits(_dataset(pool), _dataset(targets), _dataset(held_out), config)
+        pool += shuffled(rows, config.seed, t)[: config.examples_per_task]
+    pool = shuffled(pool, config.seed, "pool")
+    return BigBenchSplits(as_dataset(pool), as_dataset(targets), as_dataset(held_out), config)
 
 
 def config_dict(config: BigBenchConfig) -> dict:
