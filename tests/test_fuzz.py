@@ -1,10 +1,10 @@
 """Property tests (hypothesis): dataset adapters, budgets, filters and selectors on random input.
 
-The character tokenizer of conftest.py gives one token per character (unicode outside
+The character tokenizer of testing_utils.py gives one token per character (unicode outside
 ``string.printable`` becomes ``<unk>``), so exact token counts are known without tokenizing: a
 prompt of n characters is n masked tokens, a completion of m characters m + 1 scored ones (EOS).
 Texts without ``<`` cannot spell a special token. The ordering properties of every strategy
-(permutation, budget prefix, determinism per seed) are in tests/test_selectors.py
+(permutation, budget prefix, determinism per seed) are in tests/selection/test_strategies.py
 (``test_orderings_are_permutations_budget_and_determinism``); here they are checked again with
 unscorable (``-inf``) rows mixed in.
 """
