@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-# make_model and toy_tasks: for test files that still import them from here (tests/test_one_source.py).
-from .testing_utils import make_lora_model, make_model, make_tokenizer, toy_tasks  # noqa: F401
+from .testing_utils import make_lora_model, make_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

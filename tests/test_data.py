@@ -79,3 +79,29 @@ def test_collate_positions_ignore_padding(side):
     assert batch["position_ids"][row][real].tolist() == [0]
     assert (batch["labels"][row][~real] == IGNORE_INDEX).all()
     assert batch["position_ids"][0].tolist() == [0, 1, 2]
+
+
+def test_one_dataset_path_loader_for_the_cli_and_the_examples(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from hf_less.data import load_dataset_path
+
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    (tmp_path / "pool.jsonl").write_text("".join(f'{{"prompt": "{r["prompt"]}", "completion": "{r["completion"]}"}}\n'
+                                                 for r in rows))
+    assert load_dataset_path(tmp_path / "pool.jsonl").to_list() == rows
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert load_dataset_path(str(tmp_path / "saved")).to_list() == rows
+    DatasetDict(train=Dataset.from_list(rows)).save_to_disk(str(tmp_path / "dict"))
+    assert load_dataset_path(tmp_path / "dict").to_list() == rows
+    DatasetDict(test=Dataset.from_list(rows)).save_to_disk(str(tmp_path / "no_train"))
+    with pytest.raises(ValueError, match="DatasetDict without a 'train' split"):
+        load_dataset_path(tmp_path / "no_train")
+    with pytest.raises(FileNotFoundError, match="does not exist; give a JSONL file or a datasets.save_to_disk"):
+        load_dataset_path(tmp_path / "missing.jsonl")
+    (tmp_path / "pool.csv").write_text("prompt,completion\n")
+    with pytest.raises(ValueError, match="expected a .jsonl/.json file or a save_to_disk directory"):
+        load_dataset_path(tmp_path / "pool.csv")
+    import examples.sft_with_less as example  # the example reads its --pool/--targets with the same function
+
+    assert example.load_dataset_path is load_dataset_path

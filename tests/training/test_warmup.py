@@ -1,6 +1,8 @@
 """The LESS warmup: its LR schedule (every step at a positive LR, checkpoints weighted by the LRs applied) and
 its rows (the same seed, the same subset) (issue 15, items 6 and 10)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from datasets import Dataset
@@ -9,7 +11,9 @@ from safetensors.torch import load_file
 from hf_less import LessSFTConfig, LessSFTTrainer
 from hf_less.gradients.state import find_checkpoints
 from hf_less.selection.record import load_pool_scores
-from hf_less.training.warmup import warmup_lr_factor
+from hf_less import cli
+from hf_less.training.layout import RunLayout
+from hf_less.training.warmup import warmup_indices, warmup_lr_factor, warmup_size, warmup_subset
 
 from tests.testing_utils import make_model, toy_tasks, trainer_for
 from tests.testing_utils import FEW_TARGETS as TARGETS
@@ -84,3 +88,66 @@ def test_same_seed_same_warmup_subset(tokenizer, tmp_path, monkeypatch):
     assert other != a
     positions = [pool["prompt"].index(p) for p in a]
     assert positions == sorted(positions)  # kept in pool order
+
+
+# -- one warmup rule at every entry point (issue 17) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,fraction,seed", [(1, 0.05, 0), (10, 0.25, 0), (10, 0.25, 3), (97, 0.05, 1), (40, 1.0, 2)])
+def test_warmup_rows_are_the_seeded_shuffles_first_rows_in_pool_order(n, fraction, seed):
+    pool = Dataset.from_dict({"i": list(range(n))})
+    size = max(1, round(fraction * n))
+    expected = sorted(pool.shuffle(seed=seed).select(range(size))["i"])  # what hf-less 0.1's CLI trained on
+    assert warmup_size(n, fraction) == size
+    assert warmup_indices(n, fraction, seed) == expected
+    assert warmup_subset(pool, fraction, seed)["i"] == expected
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_a_warmup_fraction_outside_0_1_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"warmup fraction must be in \(0, 1\]"):
+        warmup_size(10, fraction)
+
+
+def _numbered_pool():
+    return Dataset.from_list([{**r, "prompt": f"{i}: {r['prompt']}"} for i, r in enumerate(toy_tasks(10, seed=7))])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_trainer_warms_up_on_warmup_subset(tokenizer, tmp_path, monkeypatch):
+    import hf_less.training.trainer as trainer_module
+
+    seen = []
+
+    def recorder(model, args=None, train_dataset=None, **kw):  # trains nothing: records the warmup rows
+        seen.append(train_dataset["prompt"])
+        raise _Stop
+
+    monkeypatch.setattr(trainer_module, "WarmupSFTTrainer", recorder)
+    pool = _numbered_pool()
+    args = LessSFTConfig(output_dir=str(tmp_path), less_budget=4, less_warmup_fraction=0.25, less_seed=5,
+                         use_cpu=True, report_to=[], max_length=64, disable_tqdm=True, less_proj_dim=32)
+    trainer = LessSFTTrainer(make_model(len(tokenizer)), args=args, train_dataset=pool,
+                             target_dataset=[r for r in toy_tasks(2, seed=3)], processing_class=tokenizer)
+    with pytest.raises(_Stop):
+        trainer.select_data()
+    assert seen == [warmup_subset(pool, 0.25, seed=5)["prompt"]]
+    assert (tmp_path / "less_warmup").is_dir() and RunLayout(tmp_path).warmup == tmp_path / "less_warmup"
+
+
+def test_the_cli_warms_up_on_warmup_subset_into_the_same_layout(tmp_path, monkeypatch):
+    seen = []
+
+    def recorder(model, tokenizer, dataset, output_dir, *a, **kw):
+        seen.append((dataset["prompt"], output_dir))
+
+    monkeypatch.setattr("hf_less.cli.pipeline.sft_train", recorder)
+    pool = _numbered_pool()
+    rd = cli.RunData(pool, None, None, None, "task")
+    layout = RunLayout(tmp_path)
+    cli.do_warmup(None, None, rd, layout, SimpleNamespace(lora_r=4), cli.WarmupArguments(warmup_fraction=0.25),
+                  cli.RunArguments(run_dir=str(tmp_path), seed=5, quiet=True))
+    assert seen == [(warmup_subset(pool, 0.25, seed=5)["prompt"], tmp_path / "less_warmup")]
