@@ -7,26 +7,8 @@ from datasets import Dataset
 
 from hf_less.gradients.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
 
-from tests.testing_utils import POOL, SHARD_ROWS, STEPS, assert_same_store, make_work
+from tests.testing_utils import POOL, SHARD_ROWS, STEPS, assert_same_store
 from tests.testing_utils import work_selector as selector
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, tokenizer):
-    """A warmup with two LESS checkpoints (distinct adapters, random Adam moments), saved model, data."""
-    return make_work(tmp_path_factory.mktemp("reliability"), tokenizer)
-
-
-@pytest.fixture(scope="module")
-def sel(tokenizer, work):
-    return selector(tokenizer, work)
-
-
-@pytest.fixture(scope="module")
-def reference(sel, tmp_path_factory):
-    """An uninterrupted in-process featurization (float32 store) to compare resumed ones with."""
-    return sel.featurize(Dataset.from_list(POOL), tmp_path_factory.mktemp("ref") / "store", shard_rows=SHARD_ROWS,
-                         dtype="float32")
 
 
 def test_resume_ignores_tmp_files_unlisted_and_corrupt_shards(sel, reference, tmp_path):

@@ -14,21 +14,10 @@ from hf_less import LessSFTTrainer, selectors
 from hf_less.data import DatasetFormatError, EmptyCompletionError, encode_batch
 from hf_less.gradients.store import FeatureStore
 
-from tests.testing_utils import POOL, SHARD_ROWS, make_model, make_work
+from tests.testing_utils import POOL, SHARD_ROWS, make_model
 from tests.testing_utils import FEW_TARGETS as TARGETS
 from tests.testing_utils import work_config as _config
 from tests.testing_utils import work_selector as selector
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, tokenizer):
-    """A warmup with two LESS checkpoints (distinct adapters, random Adam moments), saved model, data."""
-    return make_work(tmp_path_factory.mktemp("reliability"), tokenizer)
-
-
-@pytest.fixture(scope="module")
-def sel(tokenizer, work):
-    return selector(tokenizer, work)
-
 
 # -- determinism ---------------------------------------------------------------------------------------
 
