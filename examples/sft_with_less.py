@@ -57,7 +57,7 @@ def main():
         if torch.distributed.get_backend() == "gloo":
             # gloo's teardown can hang (pytorch/pytorch#75097) or abort in interpreter finalization
             # ("terminate called without an active exception") after every result is saved: leave
-            # without finalization, as the torchrun test scripts do (tests/scripts/teardown.py).
+            # without finalization, as the torchrun test scripts do (tests/integration/scripts/teardown.py).
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)

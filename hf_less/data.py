@@ -95,7 +95,7 @@ def pad_token_id(tokenizer) -> int:
 
     A tokenizer without a pad token is not an error here: padded positions are masked out of
     attention and carry label -100, so the pad id never reaches a loss, a gradient or a feature
-    (``tests/test_reliability.py`` checks that features are bit-identical whatever the pad id).
+    (``tests/gradients/test_featurizer.py`` checks that features are bit-identical whatever the pad id).
     ``None`` (pre-tokenized data, no tokenizer) pads with 0 for the same reason.
     """
     for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
