@@ -14,19 +14,13 @@ from hf_less.gradients.per_example import PerExampleGradients, eval_mode
 from hf_less.gradients.store import FeatureStore
 
 from tests.testing_utils import (POOL, SETTINGS, SHARD_ROWS, dense_matrix, encoded_toy_tasks, make_lora_model,
-                                 make_model, make_work, naive_gradient, random_moments, stray_files)
+                                 make_model, naive_gradient, random_moments, stray_files)
 from tests.testing_utils import FEW_TARGETS as TARGETS
 
 
 @pytest.fixture
 def encoded(tokenizer):
     return encoded_toy_tasks(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, tokenizer):
-    """A warmup with two LESS checkpoints (distinct adapters, random Adam moments), saved model, data."""
-    return make_work(tmp_path_factory.mktemp("reliability"), tokenizer)
 
 
 @pytest.mark.parametrize("kind,buffer_rows", [("rademacher", 1), ("rademacher", 100), ("sparse", 100)])
