@@ -18,6 +18,13 @@ selections (:func:`hf_less.selection.distance.selection_overlap`) and each repre
 ``--quick`` is a small configuration (3 targets, 5%, one training seed, 2 random seeds, 4 examples per
 task, a 1-epoch warmup: about 30 minutes on 2 CPU cores). See docs/selection_quality.md.
 
+``--transfer --distance`` adds seed 000's analysis: for LESS, rds and embedding, the round-robin ordering of
+each target is cut into bins at ranks [0, k), [k, 2k), [3k, 4k), [7k, 8k); each bin is trained on and its
+target loss set against its distance to the targets in that representation (coverage and OT), with the
+Spearman correlation per representation and target and OUT/distance.png. ``--transfer --ablate NAME=V1,V2``
+reruns LESS-topk and LESS-round_robin with one setting changed (warmup epochs, fraction or LoRA rank: a new
+warmup; projection dimension or kind, pool direction: the base warmup featurized anew), a table per value.
+
 Resumable: finished cells are kept in OUT/cells.json (and each target's scores in OUT/scores_*.npz);
 run the same command again to continue. Writes OUT/results.md (the table) and OUT/results.png.
 
@@ -26,6 +33,7 @@ run the same command again to continue. Writes OUT/results.md (the table) and OU
         --budgets 0.01 0.05 0.1 --seeds 0 1 2 --examples_per_task 64 --epochs 4      # larger
     python examples/bench/selection_quality.py --transfer --quick     # transfer, about 30 min on 2 CPU cores
     python examples/bench/selection_quality.py --transfer             # transfer, 6 targets, a few CPU hours
+    python examples/bench/selection_quality.py --transfer --distance --ablate warmup_epochs=1,4 proj_dim=2048,8192
 """
 
 from __future__ import annotations
@@ -64,13 +72,15 @@ def capture_warmup(base, tokenizer, pool, targets, warm_dir: Path, args) -> Path
     from hf_less import LessCallback
     from hf_less.training.warmup import WarmupSFTTrainer, warmup_subset
 
-    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=LORA_MODULES, task_type="CAUSAL_LM")
+    r = getattr(args, "warmup_lora_r", 8)
+    lora = LoraConfig(r=r, lora_alpha=4 * r, lora_dropout=0.1, target_modules=LORA_MODULES, task_type="CAUSAL_LM")
     config = SFTConfig(output_dir=str(warm_dir), num_train_epochs=args.warmup_epochs, save_strategy="epoch",
                        per_device_train_batch_size=args.batch_size, learning_rate=2e-4, lr_scheduler_type="linear",
                        max_length=args.max_length, report_to=[], use_cpu=not torch.cuda.is_available(),
                        logging_steps=50, save_only_model=True, seed=0, disable_tqdm=True)
     capture = LessCallback(pool=pool, targets=targets, proj_dim=args.proj_dim, max_length=args.max_length,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, proj_kind=getattr(args, "proj_kind", "sparse"),
+                           pool_direction=getattr(args, "pool_direction", "adam"))
     WarmupSFTTrainer(copy.deepcopy(base), args=config, train_dataset=warmup_subset(pool, args.warmup_fraction, seed=0),
                      processing_class=tokenizer, peft_config=lora, callbacks=[capture]).train()
     return warm_dir
@@ -311,7 +321,8 @@ def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dic
     t = time.time()
     warm_dir = capture_warmup(base, tokenizer, pool_text, all_targets, out / "warmup", args)
     less = LessSelector(copy.deepcopy(base), warm_dir, all_targets, tokenizer=tokenizer, proj_dim=args.proj_dim,
-                        max_length=args.max_length, batch_size=args.batch_size)
+                        proj_kind=args.proj_kind, pool_direction=args.pool_direction, max_length=args.max_length,
+                        batch_size=args.batch_size)
     _, result["less_sims"] = less.score(pool_text)
     seconds["less"] = time.time() - t
     for rep, model in (("rds", base), ("embedding", None), ("random", None)):
@@ -352,6 +363,8 @@ def overlap_table(features: dict[str, np.ndarray], targets: list[str], budgets: 
     """Target-independence: mean pairwise overlap of the top-k (by score) selections of the target tasks."""
     from hf_less.selection.distance import selection_overlap
 
+    if len(targets) < 2:
+        return "Target independence: needs two targets or more.\n"
     lines = ["Target independence: mean pairwise overlap |A ∩ B| / k of the top-k selections made for "
              f"different targets ({len(targets)} targets, {len(targets) * (len(targets) - 1) // 2} pairs) from "
              f"the same pool of {n}; a random selection overlaps by about k / N.", "",
@@ -414,6 +427,159 @@ def win_table(rows: list[dict], targets: list[str], budgets: list[float]) -> str
     return "\n".join(lines) + "\n"
 
 
+# Distance versus loss (Nayak et al.): consecutive bins of each representation's round-robin ordering,
+# at ranks [s k, (s + 1) k) for these s: the head (the selection itself), then ever farther subsets.
+DISTANCE_BIN_STARTS = (0, 1, 3, 7)
+DISTANCE_REPRESENTATIONS = ("less", "rds", "embedding")
+
+
+def distance_bins_of(scores: dict[str, np.ndarray], rep: str, k: int) -> list[list[int]]:
+    """Rows of each bin of ``rep``'s round-robin ordering: ranks ``[s k, (s + 1) k)`` for ``DISTANCE_BIN_STARTS``."""
+    ordering = selectors.order("round_robin", scores[f"{rep}_score"], 0, sims=scores[f"{rep}_sims"]).tolist()
+    if (DISTANCE_BIN_STARTS[-1] + 1) * k > len(ordering):
+        raise SystemExit(f"--distance needs {(DISTANCE_BIN_STARTS[-1] + 1) * k} ordered pool rows for k = {k}; "
+                         f"the pool has {len(ordering)}: use a smaller --distance_budget.")
+    return [ordering[s * k:(s + 1) * k] for s in DISTANCE_BIN_STARTS]
+
+
+def distance_table(cells: dict, targets: list[str], budget: float) -> tuple[str, list[dict]]:
+    """Per target and representation: each bin's distances and mean target loss, and Spearman(distance, loss)."""
+    from hf_less.evaluation.metrics import spearman
+
+    rows = []
+    for target in targets:
+        for rep in DISTANCE_REPRESENTATIONS:
+            bins = []
+            for i in range(len(DISTANCE_BIN_STARTS)):
+                got = [c for key, c in cells.items() if key.startswith(f"distance|{target}|{budget}|{rep}|{i}|")]
+                if got:
+                    bins.append({"coverage": got[0]["coverage"], "ot": got[0]["ot"],
+                                 "loss": statistics.mean(c["target_loss"] for c in got)})
+            if len(bins) == len(DISTANCE_BIN_STARTS):
+                rows.append({"target": target, "rep": rep, "bins": bins,
+                             "rho_coverage": spearman([b["coverage"] for b in bins], [b["loss"] for b in bins]),
+                             "rho_ot": spearman([b["ot"] for b in bins], [b["loss"] for b in bins])})
+    starts = ", ".join(f"[{s}k, {s + 1}k)" for s in DISTANCE_BIN_STARTS)
+    lines = [f"Distance versus loss: each representation's round-robin ordering cut into bins of k = {budget:.0%} of "
+             f"the pool at ranks {starts}; each bin trained on and evaluated on the target; distances in that "
+             "representation (coverage: mean over targets of 1 - cos to the nearest selected example; OT: "
+             "Wasserstein cost with (1 - cos) / 2). Spearman > 0: a farther subset trains to a higher loss.", "",
+             "| target | representation | coverage per bin | OT per bin | target loss per bin | "
+             "Spearman (coverage, loss) | Spearman (OT, loss) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['rep']} | " + " / ".join(f"{b['coverage']:.3f}" for b in r["bins"])
+                     + " | " + " / ".join(f"{b['ot']:.3f}" for b in r["bins"]) + " | "
+                     + " / ".join(f"{b['loss']:.3f}" for b in r["bins"])
+                     + f" | {r['rho_coverage']:+.2f} | {r['rho_ot']:+.2f} |")
+    lines += ["", "| representation | mean Spearman (coverage, loss) | mean Spearman (OT, loss) | targets with "
+              "Spearman (coverage) > 0 |", "|---|---|---|---|"]
+    for rep in DISTANCE_REPRESENTATIONS:
+        mine = [r for r in rows if r["rep"] == rep]
+        if mine:
+            lines.append(f"| {rep} | {statistics.mean(r['rho_coverage'] for r in mine):+.2f} | "
+                         f"{statistics.mean(r['rho_ot'] for r in mine):+.2f} | "
+                         f"{sum(r['rho_coverage'] > 0 for r in mine)}/{len(mine)} |")
+    return "\n".join(lines) + "\n", rows
+
+
+def distance_plot(rows: list[dict], targets: list[str], path: Path) -> None:
+    """One panel per target: coverage distance (x) against target loss (y), one line per representation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [t for t in targets if any(r["target"] == t for r in rows)]
+    if not shown:
+        return
+    cols = min(3, len(shown))
+    fig, axes = plt.subplots(math.ceil(len(shown) / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(len(shown) / cols)),
+                             squeeze=False)
+    for ax, target in zip(axes.flat, shown):
+        for r in [r for r in rows if r["target"] == target]:
+            ax.plot([b["coverage"] for b in r["bins"]], [b["loss"] for b in r["bins"]], marker="o",
+                    label=f"{r['rep']} (rho {r['rho_coverage']:+.2f})")
+        ax.set_title(target, fontsize=9)
+        ax.set_xlabel("coverage distance to the targets", fontsize=8)
+        ax.set_ylabel("target loss after training", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# Ablations of the LESS settings (issue: defaults from evidence). The base value of each is the run's own.
+ABLATIONS = {
+    "warmup_epochs": int, "warmup_fraction": float, "warmup_lora_r": int,  # a new warmup per value
+    "proj_dim": int, "proj_kind": str, "pool_direction": str,  # the base warmup's checkpoints, featurized anew
+}
+ABLATION_METHODS = ("LESS-topk", "LESS-round_robin")
+
+
+def parse_ablation(spec: str) -> tuple[str, list]:
+    """``"proj_dim=2048,8192"`` -> ``("proj_dim", [2048, 8192])``."""
+    name, _, values = spec.partition("=")
+    if name not in ABLATIONS or not values:
+        raise SystemExit(f"--ablate {spec!r}: expected NAME=V1,V2 with NAME one of {sorted(ABLATIONS)}.")
+    return name, [ABLATIONS[name](v) for v in values.split(",")]
+
+
+def ablation_sims(base, tokenizer, pool, all_targets, out: Path, args, name: str, value) -> np.ndarray:
+    """LESS's (N, T) pool-by-target cosine with ``name=value`` (all other settings the run's), cached."""
+    from hf_less import LessSelector
+
+    cache = out / "ablation" / f"{name}={value}" / "less_sims.npz"
+    if cache.exists():
+        return np.load(cache)["less_sims"]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    sub = argparse.Namespace(**{**vars(args), name: value})
+    t = time.time()
+    if name in ("warmup_epochs", "warmup_fraction", "warmup_lora_r"):
+        warm_dir, captured = capture_warmup(base, tokenizer, pool, all_targets, cache.parent / "warmup", sub), True
+    else:  # the same warmup, featurized with another projection or pool direction
+        warm_dir, captured = out / "warmup", False
+    less = LessSelector(copy.deepcopy(base), warm_dir, all_targets, tokenizer=tokenizer, proj_dim=sub.proj_dim,
+                        proj_kind=sub.proj_kind, pool_direction=sub.pool_direction, max_length=args.max_length,
+                        batch_size=args.batch_size, use_captured=captured)
+    _, sims = less.score(pool)
+    np.savez(cache, less_sims=sims, seconds=time.time() - t)
+    return sims
+
+
+def ablation_table(cells: dict, targets: list[str], budget: float, ablations: list[tuple[str, list]], args,
+                   overlaps: dict) -> str:
+    """Per setting and value: LESS's mean target loss over the targets (and how many beat random beyond the spread)."""
+    def mean_of(prefix: str, target: str, method: str):
+        got = [c["target_loss"] for key, c in cells.items() if key.startswith(f"{prefix}|{target}|{budget}|{method}|")]
+        return (statistics.mean(got), statistics.stdev(got) if len(got) > 1 else 0.0) if got else None
+
+    lines = [f"Ablations of the LESS settings at budget {budget:.0%} (every other setting the run's; the base value "
+             "is the main table's): mean target loss over the targets that have the cell, wins = targets where the "
+             "method's mean + sd is below random's mean - sd, overlap = LESS top-k target independence.", "",
+             "| setting | value | " + " | ".join(f"{m}: mean loss (wins)" for m in ABLATION_METHODS)
+             + " | overlap |", "|---|---|" + "---|" * len(ABLATION_METHODS) + "---|"]
+    for name, values in ablations:
+        base_value = getattr(args, name)
+        for value in [base_value] + [v for v in values if v != base_value]:
+            prefix = "transfer" if value == base_value else f"ablation|{name}={value}"
+            parts = []
+            for method in ABLATION_METHODS:
+                losses, wins = [], 0
+                for target in targets:
+                    m, r = mean_of(prefix, target, method), mean_of("transfer", target, "random")
+                    if m is None:
+                        continue
+                    losses.append(m[0])
+                    wins += r is not None and m[0] + m[1] < r[0] - r[1]
+                parts.append(f"{statistics.mean(losses):.3f} ({wins}/{len(losses)})" if losses else "-")
+            ov = overlaps.get((name, value))
+            label = f"{value} (base)" if value == base_value else str(value)
+            lines.append(f"| {name} | {label} | " + " | ".join(parts) + f" | {'-' if ov is None else f'{ov:.1%}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path, t0: float, ev: dict) -> str:
     """The transfer benchmark: one shared pool without the target tasks, every target scored against it.
 
@@ -433,6 +599,8 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                          "--out or delete it.")
     info.write_text(json.dumps({"pool": n, "splits": splits_id, "tasks": used, "targets": targets}, indent=1))
     key_of = lambda target, budget, method, seed: f"transfer|{target}|{budget}|{method}|{seed}"  # noqa: E731
+    ablations = [parse_ablation(spec) for spec in args.ablate]
+    overlaps: dict = {}
 
     def header(elapsed: float) -> str:
         return (f"selection_quality --transfer{' --quick' if args.quick else ''}: SmolLM2-135M-Instruct; pool {n} "
@@ -455,6 +623,10 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
             text += ("\nSelection cost on this machine (scores of the whole pool for all targets at once; LESS "
                      "includes its warmup and the capture): " + ", ".join(
                          f"{k} {v:.0f} s ({v / n * 1000:.0f} s per 1,000 pool examples)" for k, v in sec.items()) + "\n")
+        if args.distance:
+            text += "\n" + distance_table(cells, targets, args.distance_budget)[0]
+        if ablations:
+            text += "\n" + ablation_table(cells, targets, args.budgets[0], ablations, args, overlaps)
         (out / "results.md").write_text(text)
         return text
 
@@ -502,8 +674,67 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                     t = time.time()
                     rows = select(method, k, seed, scores, n)
                     evaluate(train(rows, seed, args.epochs), [target], method, budget, seed, len(rows), t)
+    if args.distance:
+        from hf_less.selection.distance import subset_distances
+
+        budget = args.distance_budget
+        k = selectors.resolve_budget(budget, n)
+        for target in targets:
+            scores = target_scores(features, target)
+            for rep in DISTANCE_REPRESENTATIONS:
+                for i, rows in enumerate(distance_bins_of(scores, rep, k)):
+                    d = subset_distances(rows, sims=scores[f"{rep}_sims"])
+                    for seed in args.seeds:
+                        key = f"distance|{target}|{budget}|{rep}|{i}|{seed}"
+                        if key in cells:
+                            continue
+                        t = time.time()
+                        result = evaluate_model(train(rows, seed, args.epochs), tokenizer, per_target[target][1], **ev)
+                        cells[key] = {**result, "n": len(rows), "coverage": d["coverage"], "ot": d["ot"],
+                                      "seconds": round(time.time() - t, 1)}
+                        atomic_write_json(cells_path, cells)
+                        print(f"[{time.time() - t0:7.0f}s] {key}: coverage {d['coverage']:.3f} ot {d['ot']:.3f} "
+                              f"loss {result['target_loss']:.3f} ({cells[key]['seconds']}s)", flush=True)
+                        report()
+    if ablations:
+        from datasets import concatenate_datasets
+
+        from hf_less.selection.distance import selection_overlap
+
+        all_targets = text_only(concatenate_datasets([per_target[t][0] for t in targets]))
+        budget = args.budgets[0]
+        k = selectors.resolve_budget(budget, n)
+        less_scores = np.stack([target_scores(features, t_)["less_score"] for t_ in targets], axis=1)
+
+        def overlap(scores: np.ndarray) -> float | None:
+            return selection_overlap(scores, k) if scores.shape[1] > 1 else None
+        for name, values in ablations:
+            overlaps[(name, getattr(args, name))] = overlap(less_scores)
+            for value in [v for v in values if v != getattr(args, name)]:
+                sims = ablation_sims(base, tokenizer, text_only(pool), all_targets, out, args, name, value)
+                sub = {**features, "less_sims": sims}
+                overlaps[(name, value)] = overlap(
+                    np.stack([target_scores(sub, t_)["less_score"] for t_ in targets], axis=1))
+                for target in targets:
+                    scores = target_scores(sub, target)
+                    for method in ABLATION_METHODS:
+                        for seed in args.seeds:
+                            key = f"ablation|{name}={value}|{target}|{budget}|{method}|{seed}"
+                            if key in cells:
+                                continue
+                            t = time.time()
+                            rows = select(method, k, seed, scores, n)
+                            result = evaluate_model(train(rows, seed, args.epochs), tokenizer, per_target[target][1],
+                                                    **ev)
+                            cells[key] = {**result, "n": len(rows), "seconds": round(time.time() - t, 1)}
+                            atomic_write_json(cells_path, cells)
+                            print(f"[{time.time() - t0:7.0f}s] {key}: loss {result['target_loss']:.3f} "
+                                  f"({cells[key]['seconds']}s)", flush=True)
+                            report()
     text = report()
     plot(summarize(cells, args, prefix="transfer|"), out / "results.png", args)
+    if args.distance:
+        distance_plot(distance_table(cells, targets, args.distance_budget)[1], targets, out / "distance.png")
     return text
 
 
@@ -513,6 +744,20 @@ def main() -> None:
                    help="Transfer mode: one pool from about 100 BIG-bench tasks with every target task excluded.")
     p.add_argument("--quick", action="store_true", help="With --transfer: a smaller configuration (about 30 min on "
                    "2 CPU cores): 3 targets, one budget, one training seed, 2 random seeds, 4 examples per task.")
+    p.add_argument("--distance", action="store_true",
+                   help="With --transfer: also distance versus loss (Nayak et al.): for less, rds and embedding, train "
+                        "on bins of the round-robin ordering at ranks [0, k), [k, 2k), [3k, 4k), [7k, 8k) and report "
+                        "each bin's distance to the targets against its target loss (Spearman per representation and "
+                        "target, OUT/distance.png).")
+    p.add_argument("--ablate", nargs="*", default=[], metavar="NAME=V1,V2",
+                   help="With --transfer: LESS-topk and LESS-round_robin again with one setting changed, for each "
+                        "value, at the first budget: " + ", ".join(ABLATIONS) + " (e.g. --ablate warmup_epochs=1,4 "
+                        "proj_dim=2048,8192 pool_direction=sgd). A table of the mean target loss per value.")
+    p.add_argument("--warmup_lora_r", type=int, default=8, help="The LESS warmup's LoRA rank (alpha = 4 r).")
+    p.add_argument("--proj_kind", default="sparse", help="LESS projection: sparse (default) or rademacher.")
+    p.add_argument("--pool_direction", default="adam", help="LESS pool-side direction: adam (default) or sgd.")
+    p.add_argument("--distance_budget", type=float, default=None,
+                   help="--distance: the bin size k as a fraction of the pool (default: the first budget).")
     p.add_argument("--out", default=None, help="Default: out/selection_quality (in-pool), "
                    "out/selection_quality_transfer, out/selection_quality_transfer_quick.")
     p.add_argument("--targets", nargs="+", default=None,
@@ -548,6 +793,10 @@ def main() -> None:
     args = p.parse_args()
     if args.quick and not args.transfer:
         p.error("--quick is a configuration of --transfer; add --transfer.")
+    if args.ablate and not args.transfer:
+        p.error("--ablate is a study of the transfer mode; add --transfer.")
+    if args.distance and not args.transfer:
+        p.error("--distance is an analysis of the transfer mode; add --transfer.")
     quick = args.quick
     defaults = {
         "out": "out/selection_quality" + ("_transfer" if args.transfer else "") + ("_quick" if quick else ""),
@@ -563,6 +812,8 @@ def main() -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.distance_budget is None:
+        args.distance_budget = args.budgets[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
