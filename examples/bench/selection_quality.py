@@ -459,7 +459,10 @@ def distance_table(cells: dict, targets: list[str], budget: float) -> tuple[str,
                 rows.append({"target": target, "rep": rep, "bins": bins,
                              "rho_coverage": spearman([b["coverage"] for b in bins], [b["loss"] for b in bins]),
                              "rho_ot": spearman([b["ot"] for b in bins], [b["loss"] for b in bins])})
-    starts = ", ".join(f"[{s}k, {s + 1}k)" for s in DISTANCE_BIN_STARTS)
+    def rank(s: int) -> str:
+        return {0: "0", 1: "k"}.get(s, f"{s}k")
+
+    starts = ", ".join(f"[{rank(s)}, {rank(s + 1)})" for s in DISTANCE_BIN_STARTS)
     lines = [f"Distance versus loss: each representation's round-robin ordering cut into bins of k = {budget:.0%} of "
              f"the pool at ranks {starts}; each bin trained on and evaluated on the target; distances in that "
              "representation (coverage: mean over targets of 1 - cos to the nearest selected example; OT: "
