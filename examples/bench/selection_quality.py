@@ -687,7 +687,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
             for rep in DISTANCE_REPRESENTATIONS:
                 for i, rows in enumerate(distance_bins_of(scores, rep, k)):
                     d = subset_distances(rows, sims=scores[f"{rep}_sims"])
-                    for seed in args.seeds:
+                    for seed in args.analysis_seeds:
                         key = f"distance|{target}|{budget}|{rep}|{i}|{seed}"
                         if key in cells:
                             continue
@@ -721,7 +721,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                 for target in targets:
                     scores = target_scores(sub, target)
                     for method in ABLATION_METHODS:
-                        for seed in args.seeds:
+                        for seed in args.analysis_seeds:
                             key = f"ablation|{name}={value}|{target}|{budget}|{method}|{seed}"
                             if key in cells:
                                 continue
@@ -756,6 +756,8 @@ def main() -> None:
                    help="With --transfer: LESS-topk and LESS-round_robin again with one setting changed, for each "
                         "value, at the first budget: " + ", ".join(ABLATIONS) + " (e.g. --ablate warmup_epochs=1,4 "
                         "proj_dim=2048,8192 pool_direction=sgd). A table of the mean target loss per value.")
+    p.add_argument("--analysis_seeds", nargs="+", type=int, default=None,
+                   help="Training seeds of the --distance bins and the --ablate cells (default: the first of --seeds).")
     p.add_argument("--warmup_lora_r", type=int, default=8, help="The LESS warmup's LoRA rank (alpha = 4 r).")
     p.add_argument("--proj_kind", default="sparse", help="LESS projection: sparse (default) or rademacher.")
     p.add_argument("--pool_direction", default="adam", help="LESS pool-side direction: adam (default) or sgd.")
@@ -817,6 +819,8 @@ def main() -> None:
             setattr(args, name, value)
     if args.distance_budget is None:
         args.distance_budget = args.budgets[0]
+    if args.analysis_seeds is None:
+        args.analysis_seeds = args.seeds[:1]
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
