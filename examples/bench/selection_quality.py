@@ -554,12 +554,13 @@ def ablation_sims(base, tokenizer, pool, all_targets, out: Path, args, name: str
 def ablation_table(cells: dict, targets: list[str], budget: float, ablations: list[tuple[str, list]], args,
                    overlaps: dict) -> str:
     """Per setting and value: LESS's mean target loss over the targets (and how many beat random beyond the spread)."""
-    def mean_of(prefix: str, target: str, method: str):
-        got = [c["target_loss"] for key, c in cells.items() if key.startswith(f"{prefix}|{target}|{budget}|{method}|")]
+    def mean_of(prefix: str, target: str, method: str, seeds=None):
+        got = [c["target_loss"] for key, c in cells.items() if key.startswith(f"{prefix}|{target}|{budget}|{method}|")
+               and (seeds is None or int(key.rsplit("|", 1)[1]) in seeds)]
         return (statistics.mean(got), statistics.stdev(got) if len(got) > 1 else 0.0) if got else None
 
     lines = [f"Ablations of the LESS settings at budget {budget:.0%} (every other setting the run's; the base value "
-             "is the main table's): mean target loss over the targets that have the cell, wins = targets where the "
+             "is the main table's, on the same training seeds): mean target loss over the targets that have the cell, wins = targets where the "
              "method's mean + sd is below random's mean - sd, overlap = LESS top-k target independence.", "",
              "| setting | value | " + " | ".join(f"{m}: mean loss (wins)" for m in ABLATION_METHODS)
              + " | overlap |", "|---|---|" + "---|" * len(ABLATION_METHODS) + "---|"]
@@ -571,7 +572,8 @@ def ablation_table(cells: dict, targets: list[str], budget: float, ablations: li
             for method in ABLATION_METHODS:
                 losses, wins = [], 0
                 for target in targets:
-                    m, r = mean_of(prefix, target, method), mean_of("transfer", target, "random")
+                    # the base value on the ablations' seeds too, so every row compares the same trainings
+                    m, r = mean_of(prefix, target, method, args.analysis_seeds), mean_of("transfer", target, "random")
                     if m is None:
                         continue
                     losses.append(m[0])
