@@ -562,14 +562,14 @@ def ablation_table(cells: dict, targets: list[str], budget: float, ablations: li
     lines = [f"Ablations of the LESS settings at budget {budget:.0%} (every other setting the run's; the base value "
              "is the main table's, on the same training seeds): mean target loss over the targets that have the cell, wins = targets where the "
              "method's mean + sd is below random's mean - sd, overlap = LESS top-k target independence.", "",
-             "| setting | value | " + " | ".join(f"{m}: mean loss (wins)" for m in ABLATION_METHODS)
-             + " | overlap |", "|---|---|" + "---|" * len(ABLATION_METHODS) + "---|"]
+             "| setting | value | " + " | ".join(f"{m}: mean loss (wins)" for m in args.ablation_methods)
+             + " | overlap |", "|---|---|" + "---|" * len(args.ablation_methods) + "---|"]
     for name, values in ablations:
         base_value = getattr(args, name)
         for value in [base_value] + [v for v in values if v != base_value]:
             prefix = "transfer" if value == base_value else f"ablation|{name}={value}"
             parts = []
-            for method in ABLATION_METHODS:
+            for method in args.ablation_methods:
                 losses, wins = [], 0
                 for target in targets:
                     # the base value on the ablations' seeds too, so every row compares the same trainings
@@ -722,7 +722,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                     np.stack([target_scores(sub, t_)["less_score"] for t_ in targets], axis=1))
                 for target in targets:
                     scores = target_scores(sub, target)
-                    for method in ABLATION_METHODS:
+                    for method in args.ablation_methods:
                         for seed in args.analysis_seeds:
                             key = f"ablation|{name}={value}|{target}|{budget}|{method}|{seed}"
                             if key in cells:
@@ -755,9 +755,11 @@ def main() -> None:
                         "each bin's distance to the targets against its target loss (Spearman per representation and "
                         "target, OUT/distance.png).")
     p.add_argument("--ablate", nargs="*", default=[], metavar="NAME=V1,V2",
-                   help="With --transfer: LESS-topk and LESS-round_robin again with one setting changed, for each "
+                   help="With --transfer: the --ablation_methods again with one setting changed, for each "
                         "value, at the first budget: " + ", ".join(ABLATIONS) + " (e.g. --ablate warmup_epochs=1,4 "
                         "proj_dim=2048,8192 pool_direction=sgd). A table of the mean target loss per value.")
+    p.add_argument("--ablation_methods", nargs="+", default=list(ABLATION_METHODS), choices=ABLATION_METHODS,
+                   help="--ablate: the LESS selections trained per setting (each adds a training per target).")
     p.add_argument("--analysis_seeds", nargs="+", type=int, default=None,
                    help="Training seeds of the --distance bins and the --ablate cells (default: the first of --seeds).")
     p.add_argument("--warmup_lora_r", type=int, default=8, help="The LESS warmup's LoRA rank (alpha = 4 r).")
