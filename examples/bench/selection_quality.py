@@ -359,10 +359,18 @@ def target_scores(features: dict[str, np.ndarray], target: str) -> dict[str, np.
     return out
 
 
-def overlap_table(features: dict[str, np.ndarray], targets: list[str], budgets: list[float], n: int) -> str:
-    """Target-independence: mean pairwise overlap of the top-k (by score) selections of the target tasks."""
+def transfer_overlap(features: dict, targets: list[str], budget: float, n: int, rep: str = "less") -> float | None:
+    """Target independence of one representation: mean pairwise overlap of its top-k selections for the targets."""
     from hf_less.selection.distance import selection_overlap
 
+    if len(targets) < 2:
+        return None
+    scores = np.stack([target_scores(features, t)[f"{rep}_score"] for t in targets], axis=1)
+    return selection_overlap(scores, selectors.resolve_budget(budget, n))
+
+
+def overlap_table(features: dict[str, np.ndarray], targets: list[str], budgets: list[float], n: int) -> str:
+    """Target-independence: mean pairwise overlap of the top-k (by score) selections of the target tasks."""
     if len(targets) < 2:
         return "Target independence: needs two targets or more.\n"
     lines = ["Target independence: mean pairwise overlap |A ∩ B| / k of the top-k selections made for "
@@ -372,8 +380,7 @@ def overlap_table(features: dict[str, np.ndarray], targets: list[str], budgets: 
                                                 for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     for rep in REPRESENTATIONS:
-        scores = np.stack([target_scores(features, t)[f"{rep}_score"] for t in targets], axis=1)
-        cells = [f"{selection_overlap(scores, selectors.resolve_budget(b, n)):.1%}" for b in budgets]
+        cells = [f"{transfer_overlap(features, targets, b, n, rep):.1%}" for b in budgets]
         lines.append(f"| {rep} | " + " | ".join(cells) + " |")
     lines.append("| (k / N, expected of random selections) | " + " | ".join(
         f"{selectors.resolve_budget(b, n) / n:.1%}" for b in budgets) + " |")
@@ -619,6 +626,13 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
 
     features = None
 
+    def finish() -> str:
+        text = report()
+        plot(summarize(cells, args, prefix="transfer|"), out / "results.png", args)
+        if args.distance:
+            distance_plot(distance_table(cells, targets, args.distance_budget)[1], targets, out / "distance.png")
+        return text
+
     def report() -> str:
         rows = summarize(cells, args, prefix="transfer|")
         text = markdown(rows, header(time.time() - t0)) + "\n" + win_table(rows, targets, args.budgets)
@@ -650,11 +664,20 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                           max_length=args.max_length, seed=seed)
 
     missing = [t for t in targets if key_of(t, "-", "zero-shot", 0) not in cells]
-    if missing:
+    if missing and not args.report_only:
         evaluate(base, missing, "zero-shot", "-", 0, 0, time.time())
     features = transfer_features(base, tokenizer, pool, per_target, out, args)
     print(f"[{time.time() - t0:7.0f}s] scores of every representation ready", flush=True)
     report()
+    if args.report_only:  # the tables of the cells present; the ablations' overlaps where their scores are cached
+        for name, values in ablations:
+            overlaps[(name, getattr(args, name))] = transfer_overlap(features, targets, args.budgets[0], n)
+            for value in values:
+                cache = out / "ablation" / f"{name}={value}" / "less_sims.npz"
+                if value != getattr(args, name) and cache.exists():
+                    overlaps[(name, value)] = transfer_overlap(
+                        {**features, "less_sims": np.load(cache)["less_sims"]}, targets, args.budgets[0], n)
+        return finish()
     for seed in args.seeds:
         missing = [t for t in targets if key_of(t, "-", "full pool", seed) not in cells]
         if missing:
@@ -704,22 +727,15 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
     if ablations:
         from datasets import concatenate_datasets
 
-        from hf_less.selection.distance import selection_overlap
-
         all_targets = text_only(concatenate_datasets([per_target[t][0] for t in targets]))
         budget = args.budgets[0]
         k = selectors.resolve_budget(budget, n)
-        less_scores = np.stack([target_scores(features, t_)["less_score"] for t_ in targets], axis=1)
-
-        def overlap(scores: np.ndarray) -> float | None:
-            return selection_overlap(scores, k) if scores.shape[1] > 1 else None
         for name, values in ablations:
-            overlaps[(name, getattr(args, name))] = overlap(less_scores)
+            overlaps[(name, getattr(args, name))] = transfer_overlap(features, targets, budget, n)
             for value in [v for v in values if v != getattr(args, name)]:
                 sims = ablation_sims(base, tokenizer, text_only(pool), all_targets, out, args, name, value)
                 sub = {**features, "less_sims": sims}
-                overlaps[(name, value)] = overlap(
-                    np.stack([target_scores(sub, t_)["less_score"] for t_ in targets], axis=1))
+                overlaps[(name, value)] = transfer_overlap(sub, targets, budget, n)
                 for target in targets:
                     scores = target_scores(sub, target)
                     for method in args.ablation_methods:
@@ -736,11 +752,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                             print(f"[{time.time() - t0:7.0f}s] {key}: loss {result['target_loss']:.3f} "
                                   f"({cells[key]['seconds']}s)", flush=True)
                             report()
-    text = report()
-    plot(summarize(cells, args, prefix="transfer|"), out / "results.png", args)
-    if args.distance:
-        distance_plot(distance_table(cells, targets, args.distance_budget)[1], targets, out / "distance.png")
-    return text
+    return finish()
 
 
 def main() -> None:
@@ -799,6 +811,9 @@ def main() -> None:
     p.add_argument("--proj_dim", type=int, default=512)
     p.add_argument("--max_new_tokens", type=int, default=12)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--report_only", action="store_true",
+                   help="--transfer: train nothing; write the tables and plots from the cells already in --out "
+                        "(the scores are computed if they are not cached: a way to time the selection alone).")
     args = p.parse_args()
     if args.quick and not args.transfer:
         p.error("--quick is a configuration of --transfer; add --transfer.")
