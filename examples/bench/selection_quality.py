@@ -707,7 +707,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
 
         budget = args.distance_budget
         k = selectors.resolve_budget(budget, n)
-        for target in targets:
+        for target in args.distance_targets or targets:
             scores = target_scores(features, target)
             for rep in DISTANCE_REPRESENTATIONS:
                 for i, rows in enumerate(distance_bins_of(scores, rep, k)):
@@ -766,6 +766,8 @@ def main() -> None:
                         "on bins of the round-robin ordering at ranks [0, k), [k, 2k), [3k, 4k), [7k, 8k) and report "
                         "each bin's distance to the targets against its target loss (Spearman per representation and "
                         "target, OUT/distance.png).")
+    p.add_argument("--distance_targets", nargs="+", default=None,
+                   help="--distance: the targets to train the bins of (default all; 12 trainings per target).")
     p.add_argument("--ablate", nargs="*", default=[], metavar="NAME=V1,V2",
                    help="With --transfer: the --ablation_methods again with one setting changed, for each "
                         "value, at the first budget: " + ", ".join(ABLATIONS) + " (e.g. --ablate warmup_epochs=1,4 "
@@ -836,6 +838,8 @@ def main() -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.distance_targets and not set(args.distance_targets) <= set(args.targets):
+        p.error(f"--distance_targets must be among --targets {args.targets}.")
     if args.distance_budget is None:
         args.distance_budget = args.budgets[0]
     if args.analysis_seeds is None:
