@@ -560,35 +560,46 @@ def ablation_sims(base, tokenizer, pool, all_targets, out: Path, args, name: str
 
 def ablation_table(cells: dict, targets: list[str], budget: float, ablations: list[tuple[str, list]], args,
                    overlaps: dict) -> str:
-    """Per setting and value: LESS's mean target loss over the targets (and how many beat random beyond the spread)."""
+    """Per setting, value and LESS method, over the targets that have the cell: the mean target loss, the mean of
+    loss / random's loss (targets weigh alike), wins over random beyond the spread, and targets below the base."""
     def mean_of(prefix: str, target: str, method: str, seeds=None):
         got = [c["target_loss"] for key, c in cells.items() if key.startswith(f"{prefix}|{target}|{budget}|{method}|")
                and (seeds is None or int(key.rsplit("|", 1)[1]) in seeds)]
         return (statistics.mean(got), statistics.stdev(got) if len(got) > 1 else 0.0) if got else None
 
-    lines = [f"Ablations of the LESS settings at budget {budget:.0%} (every other setting the run's; the base value "
-             "is the main table's, on the same training seeds): mean target loss over the targets that have the cell, wins = targets where the "
-             "method's mean + sd is below random's mean - sd, overlap = LESS top-k target independence.", "",
-             "| setting | value | " + " | ".join(f"{m}: mean loss (wins)" for m in args.ablation_methods)
-             + " | overlap |", "|---|---|" + "---|" * len(args.ablation_methods) + "---|"]
+    lines = [f"Ablations of the LESS settings at budget {budget:.0%}, one setting changed at a time (every other "
+             "setting the run's; the base row is the main table's cells on the same training seeds). Over the "
+             "targets that have the cell: mean target loss; mean of loss / random's mean loss (each target weighs "
+             "alike); beats random = method's mean + sd below random's mean - sd; below base = targets where this "
+             "value's loss is lower than the base value's; overlap = target independence of LESS's top-k.", "",
+             "| setting | value | method | targets | mean loss | loss / random | beats random | below base | overlap |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, values in ablations:
         base_value = getattr(args, name)
         for value in [base_value] + [v for v in values if v != base_value]:
             prefix = "transfer" if value == base_value else f"ablation|{name}={value}"
-            parts = []
+            ov = overlaps.get((name, value))
+            label = f"{value} (base)" if value == base_value else str(value)
             for method in args.ablation_methods:
-                losses, wins = [], 0
+                losses, ratios, wins, below = [], [], 0, 0
                 for target in targets:
                     # the base value on the ablations' seeds too, so every row compares the same trainings
                     m, r = mean_of(prefix, target, method, args.analysis_seeds), mean_of("transfer", target, "random")
+                    b = mean_of("transfer", target, method, args.analysis_seeds)
                     if m is None:
                         continue
                     losses.append(m[0])
-                    wins += r is not None and m[0] + m[1] < r[0] - r[1]
-                parts.append(f"{statistics.mean(losses):.3f} ({wins}/{len(losses)})" if losses else "-")
-            ov = overlaps.get((name, value))
-            label = f"{value} (base)" if value == base_value else str(value)
-            lines.append(f"| {name} | {label} | " + " | ".join(parts) + f" | {'-' if ov is None else f'{ov:.1%}'} |")
+                    if r is not None:
+                        ratios.append(m[0] / r[0])
+                        wins += m[0] + m[1] < r[0] - r[1]
+                    below += b is not None and m[0] < b[0]
+                if not losses:
+                    lines.append(f"| {name} | {label} | {method} | 0 | - | - | - | - | - |")
+                    continue
+                lines.append(f"| {name} | {label} | {method} | {len(losses)} | {statistics.mean(losses):.3f} | "
+                             f"{statistics.mean(ratios):.3f} | {wins}/{len(losses)} | "
+                             f"{'-' if value == base_value else f'{below}/{len(losses)}'} | "
+                             f"{'-' if ov is None else f'{ov:.1%}'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -93,8 +93,9 @@ def test_ablation_table_compares_each_value_with_the_base_on_the_same_seeds(sq):
     args = argparse.Namespace(pool_direction="adam", analysis_seeds=[0], ablation_methods=["LESS-topk"])
     text = sq.ablation_table(cells, ["a", "b"], 0.05, [("pool_direction", ["sgd"])], args,
                              {("pool_direction", "adam"): 0.25})
-    assert "| pool_direction | adam (base) | 1.250 (2/2) | 25.0% |" in text
-    assert "| pool_direction | sgd | 1.850 (1/2) | - |" in text
+    # base on seed 0: a 1.0, b 1.5 -> mean 1.25, loss / random (0.5 + 0.75) / 2; sgd: a 2.5, b 1.2
+    assert "| pool_direction | adam (base) | LESS-topk | 2 | 1.250 | 0.625 | 2/2 | - | 25.0% |" in text
+    assert "| pool_direction | sgd | LESS-topk | 2 | 1.850 | 0.925 | 1/2 | 1/2 | - |" in text
 
 
 def test_win_table_counts_wins_beyond_the_seed_spread(sq):
