@@ -369,6 +369,18 @@ def transfer_overlap(features: dict, targets: list[str], budget: float, n: int, 
     return selection_overlap(scores, selectors.resolve_budget(budget, n))
 
 
+def ablation_diagnostics(features: dict, sub: dict | None, targets: list[str], budget: float, n: int) -> dict:
+    """LESS-topk under an ablation (``sub``: the features with its ``less_sims``; None for the base): its target
+    independence, and the share of the base's top-k it keeps (mean over targets)."""
+    out = {"overlap": transfer_overlap(sub or features, targets, budget, n)}
+    if sub is not None:
+        k = selectors.resolve_budget(budget, n)
+        out["shared"] = statistics.mean(
+            len(set(select("LESS-topk", k, 0, target_scores(features, t), n))
+                & set(select("LESS-topk", k, 0, target_scores(sub, t), n))) / k for t in targets)
+    return out
+
+
 def overlap_table(features: dict[str, np.ndarray], targets: list[str], budgets: list[float], n: int) -> str:
     """Target-independence: mean pairwise overlap of the top-k (by score) selections of the target tasks."""
     if len(targets) < 2:
@@ -559,7 +571,7 @@ def ablation_sims(base, tokenizer, pool, all_targets, out: Path, args, name: str
 
 
 def ablation_table(cells: dict, targets: list[str], budget: float, ablations: list[tuple[str, list]], args,
-                   overlaps: dict) -> str:
+                   diagnostics: dict) -> str:
     """Per setting, value and LESS method, over the targets that have the cell: the mean target loss, the mean of
     loss / random's loss (targets weigh alike), wins over random beyond the spread, and targets below the base."""
     def mean_of(prefix: str, target: str, method: str, seeds=None):
@@ -571,14 +583,17 @@ def ablation_table(cells: dict, targets: list[str], budget: float, ablations: li
              "setting the run's; the base row is the main table's cells on the same training seeds). Over the "
              "targets that have the cell: mean target loss; mean of loss / random's mean loss (each target weighs "
              "alike); beats random = method's mean + sd below random's mean - sd; below base = targets where this "
-             "value's loss is lower than the base value's; overlap = target independence of LESS's top-k.", "",
-             "| setting | value | method | targets | mean loss | loss / random | beats random | below base | overlap |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "value's loss is lower than the base value's; overlap = target independence of LESS's top-k; "
+             "shared = the part of the base's LESS top-k that this value's top-k keeps (mean over targets).", "",
+             "| setting | value | method | targets | mean loss | loss / random | beats random | below base | overlap "
+             "| shared |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, values in ablations:
         base_value = getattr(args, name)
         for value in [base_value] + [v for v in values if v != base_value]:
             prefix = "transfer" if value == base_value else f"ablation|{name}={value}"
-            ov = overlaps.get((name, value))
+            diag = diagnostics.get((name, value), {})
+            ov = "-" if diag.get("overlap") is None else f"{diag['overlap']:.1%}"
+            shared = "-" if diag.get("shared") is None else f"{diag['shared']:.0%}"
             label = f"{value} (base)" if value == base_value else str(value)
             for method in args.ablation_methods:
                 losses, ratios, wins, below = [], [], 0, 0
@@ -594,12 +609,11 @@ def ablation_table(cells: dict, targets: list[str], budget: float, ablations: li
                         wins += m[0] + m[1] < r[0] - r[1]
                     below += b is not None and m[0] < b[0]
                 if not losses:
-                    lines.append(f"| {name} | {label} | {method} | 0 | - | - | - | - | - |")
+                    lines.append(f"| {name} | {label} | {method} | 0 | - | - | - | - | {ov} | {shared} |")
                     continue
                 lines.append(f"| {name} | {label} | {method} | {len(losses)} | {statistics.mean(losses):.3f} | "
                              f"{statistics.mean(ratios):.3f} | {wins}/{len(losses)} | "
-                             f"{'-' if value == base_value else f'{below}/{len(losses)}'} | "
-                             f"{'-' if ov is None else f'{ov:.1%}'} |")
+                             f"{'-' if value == base_value else f'{below}/{len(losses)}'} | {ov} | {shared} |")
     return "\n".join(lines) + "\n"
 
 
@@ -623,7 +637,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
     info.write_text(json.dumps({"pool": n, "splits": splits_id, "tasks": used, "targets": targets}, indent=1))
     key_of = lambda target, budget, method, seed: f"transfer|{target}|{budget}|{method}|{seed}"  # noqa: E731
     ablations = [parse_ablation(spec) for spec in args.ablate]
-    overlaps: dict = {}
+    diagnostics: dict = {}
 
     def header(elapsed: float) -> str:
         return (f"selection_quality --transfer{' --quick' if args.quick else ''}: SmolLM2-135M-Instruct; pool {n} "
@@ -656,7 +670,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
         if args.distance:
             text += "\n" + distance_table(cells, targets, args.distance_budget)[0]
         if ablations:
-            text += "\n" + ablation_table(cells, targets, args.budgets[0], ablations, args, overlaps)
+            text += "\n" + ablation_table(cells, targets, args.budgets[0], ablations, args, diagnostics)
         (out / "results.md").write_text(text)
         return text
 
@@ -680,14 +694,14 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
     features = transfer_features(base, tokenizer, pool, per_target, out, args)
     print(f"[{time.time() - t0:7.0f}s] scores of every representation ready", flush=True)
     report()
-    if args.report_only:  # the tables of the cells present; the ablations' overlaps where their scores are cached
+    if args.report_only:  # the tables of the cells present; the ablations' diagnostics where their scores are cached
         for name, values in ablations:
-            overlaps[(name, getattr(args, name))] = transfer_overlap(features, targets, args.budgets[0], n)
+            diagnostics[(name, getattr(args, name))] = ablation_diagnostics(features, None, targets, args.budgets[0], n)
             for value in values:
                 cache = out / "ablation" / f"{name}={value}" / "less_sims.npz"
                 if value != getattr(args, name) and cache.exists():
-                    overlaps[(name, value)] = transfer_overlap(
-                        {**features, "less_sims": np.load(cache)["less_sims"]}, targets, args.budgets[0], n)
+                    diagnostics[(name, value)] = ablation_diagnostics(
+                        features, {**features, "less_sims": np.load(cache)["less_sims"]}, targets, args.budgets[0], n)
         return finish()
     for seed in args.seeds:
         missing = [t for t in targets if key_of(t, "-", "full pool", seed) not in cells]
@@ -742,11 +756,11 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
         budget = args.budgets[0]
         k = selectors.resolve_budget(budget, n)
         for name, values in ablations:
-            overlaps[(name, getattr(args, name))] = transfer_overlap(features, targets, budget, n)
+            diagnostics[(name, getattr(args, name))] = ablation_diagnostics(features, None, targets, budget, n)
             for value in [v for v in values if v != getattr(args, name)]:
                 sims = ablation_sims(base, tokenizer, text_only(pool), all_targets, out, args, name, value)
                 sub = {**features, "less_sims": sims}
-                overlaps[(name, value)] = transfer_overlap(sub, targets, budget, n)
+                diagnostics[(name, value)] = ablation_diagnostics(features, sub, targets, budget, n)
                 for target in targets:
                     scores = target_scores(sub, target)
                     for method in args.ablation_methods:

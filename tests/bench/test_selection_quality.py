@@ -92,10 +92,11 @@ def test_ablation_table_compares_each_value_with_the_base_on_the_same_seeds(sq):
     }
     args = argparse.Namespace(pool_direction="adam", analysis_seeds=[0], ablation_methods=["LESS-topk"])
     text = sq.ablation_table(cells, ["a", "b"], 0.05, [("pool_direction", ["sgd"])], args,
-                             {("pool_direction", "adam"): 0.25})
+                             {("pool_direction", "adam"): {"overlap": 0.25},
+                              ("pool_direction", "sgd"): {"overlap": None, "shared": 0.5}})
     # base on seed 0: a 1.0, b 1.5 -> mean 1.25, loss / random (0.5 + 0.75) / 2; sgd: a 2.5, b 1.2
-    assert "| pool_direction | adam (base) | LESS-topk | 2 | 1.250 | 0.625 | 2/2 | - | 25.0% |" in text
-    assert "| pool_direction | sgd | LESS-topk | 2 | 1.850 | 0.925 | 1/2 | 1/2 | - |" in text
+    assert "| pool_direction | adam (base) | LESS-topk | 2 | 1.250 | 0.625 | 2/2 | - | 25.0% | - |" in text
+    assert "| pool_direction | sgd | LESS-topk | 2 | 1.850 | 0.925 | 1/2 | 1/2 | - | 50% |" in text
 
 
 def test_win_table_counts_wins_beyond_the_seed_spread(sq):
@@ -122,3 +123,16 @@ def test_transfer_overlap_is_the_mean_pairwise_top_k_overlap(sq):
     # pairs: |{0,1} & {0,2}| = 1, others 0 -> mean (1/2 + 0 + 0) / 3
     assert sq.transfer_overlap(features, ["a", "b", "c"], 2 / 6, 6) == pytest.approx(1 / 6)
     assert sq.transfer_overlap(features, ["a"], 2 / 6, 6) is None
+
+
+def test_ablation_diagnostics_share_of_the_base_top_k(sq):
+    # 6 rows, targets a and b; base top-2: a {0, 1}, b {2, 3}; ablation top-2: a {0, 4}, b {2, 3}
+    base = np.array([[0.9, 0.0], [0.8, 0.0], [0.0, 0.9], [0.0, 0.8], [0.1, 0.0], [0.0, 0.0]], dtype=np.float32)
+    abl = base.copy()
+    abl[4, 0], abl[1, 0] = 0.85, 0.05
+    features = {f"{rep}_sims": base for rep in sq.REPRESENTATIONS} | {"ifd": np.zeros(6),
+                                                                      "target_task": np.array(["a", "b"])}
+    got = sq.ablation_diagnostics(features, {**features, "less_sims": abl}, ["a", "b"], 2 / 6, 6)
+    assert got["shared"] == pytest.approx((1 / 2 + 2 / 2) / 2)
+    assert got["overlap"] == pytest.approx(0.0)   # a and b select disjoint rows
+    assert sq.ablation_diagnostics(features, None, ["a", "b"], 2 / 6, 6) == {"overlap": 0.0}
