@@ -21,9 +21,11 @@ task, a 1-epoch warmup: about 30 minutes on 2 CPU cores). See docs/selection_qua
 ``--transfer --distance`` adds seed 000's analysis: for LESS, rds and embedding, the round-robin ordering of
 each target is cut into bins at ranks [0, k), [k, 2k), [3k, 4k), [7k, 8k); each bin is trained on and its
 target loss set against its distance to the targets in that representation (coverage and OT), with the
-Spearman correlation per representation and target and OUT/distance.png. ``--transfer --ablate NAME=V1,V2``
-reruns LESS-topk and LESS-round_robin with one setting changed (warmup epochs, fraction or LoRA rank: a new
-warmup; projection dimension or kind, pool direction: the base warmup featurized anew), a table per value.
+Spearman correlation per representation and target and OUT/distance.png (``--distance_targets``: some
+targets only). ``--transfer --ablate NAME=V1,V2`` reruns the LESS selections of ``--ablation_methods`` with one
+setting changed (warmup epochs, fraction or LoRA rank: a new warmup; projection dimension or kind, pool
+direction: the base warmup featurized anew), a table per value. ``--report_only`` writes the tables from the
+cells already in OUT and trains nothing.
 
 Resumable: finished cells are kept in OUT/cells.json (and each target's scores in OUT/scores_*.npz);
 run the same command again to continue. Writes OUT/results.md (the table) and OUT/results.png.
