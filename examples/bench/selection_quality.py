@@ -550,11 +550,16 @@ def parse_ablation(spec: str) -> tuple[str, list]:
     return name, [ABLATIONS[name](v) for v in values.split(",")]
 
 
+def ablation_cache(out: Path, name: str, value) -> Path:
+    """Where LESS's similarities under ``name=value`` are cached (its warmup, if any, beside them)."""
+    return out / "ablation" / f"{name}={value}" / "less_sims.npz"
+
+
 def ablation_sims(base, tokenizer, pool, all_targets, out: Path, args, name: str, value) -> np.ndarray:
     """LESS's (N, T) pool-by-target cosine with ``name=value`` (all other settings the run's), cached."""
     from hf_less import LessSelector
 
-    cache = out / "ablation" / f"{name}={value}" / "less_sims.npz"
+    cache = ablation_cache(out, name, value)
     if cache.exists():
         return np.load(cache)["less_sims"]
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -690,6 +695,16 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
         return lora_train(base, tokenizer, pool.select(rows), epochs=epochs, lr=args.lr, batch_size=args.batch_size,
                           max_length=args.max_length, seed=seed)
 
+    def analysis_cell(key: str, rows: list[int], target: str, seed: int, **extra: float) -> None:
+        """Train on ``rows``, evaluate on ``target`` and keep the cell (a distance bin or an ablation)."""
+        t = time.time()
+        result = evaluate_model(train(rows, seed, args.epochs), tokenizer, per_target[target][1], **ev)
+        cells[key] = {**result, "n": len(rows), **extra, "seconds": round(time.time() - t, 1)}
+        atomic_write_json(cells_path, cells)
+        print(f"[{time.time() - t0:7.0f}s] {key}: " + "".join(f"{k} {v:.3f} " for k, v in extra.items())
+              + f"loss {result['target_loss']:.3f} ({cells[key]['seconds']}s)", flush=True)
+        report()
+
     missing = [t for t in targets if key_of(t, "-", "zero-shot", 0) not in cells]
     if missing and not args.report_only:
         evaluate(base, missing, "zero-shot", "-", 0, 0, time.time())
@@ -700,7 +715,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
         for name, values in ablations:
             diagnostics[(name, getattr(args, name))] = ablation_diagnostics(features, None, targets, args.budgets[0], n)
             for value in values:
-                cache = out / "ablation" / f"{name}={value}" / "less_sims.npz"
+                cache = ablation_cache(out, name, value)
                 if value != getattr(args, name) and cache.exists():
                     diagnostics[(name, value)] = ablation_diagnostics(
                         features, {**features, "less_sims": np.load(cache)["less_sims"]}, targets, args.budgets[0], n)
@@ -741,16 +756,8 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                     d = subset_distances(rows, sims=scores[f"{rep}_sims"])
                     for seed in args.analysis_seeds:
                         key = f"distance|{target}|{budget}|{rep}|{i}|{seed}"
-                        if key in cells:
-                            continue
-                        t = time.time()
-                        result = evaluate_model(train(rows, seed, args.epochs), tokenizer, per_target[target][1], **ev)
-                        cells[key] = {**result, "n": len(rows), "coverage": d["coverage"], "ot": d["ot"],
-                                      "seconds": round(time.time() - t, 1)}
-                        atomic_write_json(cells_path, cells)
-                        print(f"[{time.time() - t0:7.0f}s] {key}: coverage {d['coverage']:.3f} ot {d['ot']:.3f} "
-                              f"loss {result['target_loss']:.3f} ({cells[key]['seconds']}s)", flush=True)
-                        report()
+                        if key not in cells:
+                            analysis_cell(key, rows, target, seed, coverage=d["coverage"], ot=d["ot"])
     if ablations:
         from datasets import concatenate_datasets
 
@@ -768,17 +775,8 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                     for method in args.ablation_methods:
                         for seed in args.analysis_seeds:
                             key = f"ablation|{name}={value}|{target}|{budget}|{method}|{seed}"
-                            if key in cells:
-                                continue
-                            t = time.time()
-                            rows = select(method, k, seed, scores, n)
-                            result = evaluate_model(train(rows, seed, args.epochs), tokenizer, per_target[target][1],
-                                                    **ev)
-                            cells[key] = {**result, "n": len(rows), "seconds": round(time.time() - t, 1)}
-                            atomic_write_json(cells_path, cells)
-                            print(f"[{time.time() - t0:7.0f}s] {key}: loss {result['target_loss']:.3f} "
-                                  f"({cells[key]['seconds']}s)", flush=True)
-                            report()
+                            if key not in cells:
+                                analysis_cell(key, select(method, k, seed, scores, n), target, seed)
     return finish()
 
 
