@@ -81,3 +81,24 @@ def test_the_renamed_modules_that_became_packages_keep_their_names():
     assert selection.Selection is record.Selection and selection.load_selection is record.load_selection
     assert evaluation.target_loss is metrics.target_loss and evaluation.spearman is metrics.spearman
 
+
+
+# Each stage imports only stages on a lower floor (or its own): a helper lives at the level of its lowest user.
+FLOORS = {"utils": 0, "_moved": 0, "data": 1, "gradients": 2, "selection": 2, "scoring": 3, "evaluation": 4,
+          "training": 4, "cli": 5}
+
+
+def test_no_import_runs_up_a_floor():
+    offenders = []
+    for path in LIBRARY.rglob("*.py"):
+        parts = path.relative_to(LIBRARY).with_suffix("").parts
+        if parts == ("__init__",):
+            continue  # the package root re-exports the public API
+        stage = parts[0]
+        for name in _imported_modules(path):
+            target = name.split(".")
+            if target[0] != "hf_less" or len(target) < 2 or target[1] not in FLOORS or target[1] == stage:
+                continue
+            if FLOORS[target[1]] >= FLOORS[stage]:
+                offenders.append(f"{'/'.join(parts)} imports {name}")
+    assert offenders == []

@@ -25,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import check_on_empty, collate, detect_format, encode_batch, pad_token_id, padding_side
-from ..scoring.similarity import normalize
 from ..utils import distributed
 from ..utils.identity import weights_digest
+from ..utils.tensors import normalize
 from .per_example import AdamMoments, PerExampleGradients, batch_order, eval_mode, gradient_features
 from .projection import DEFAULT_KIND, make_projector
 

@@ -13,10 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-
-def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Row-wise L2 normalisation ``(N, d) -> (N, d)`` (removes LESS's short-sequence bias)."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+from ..utils.tensors import normalize  # noqa: F401 - part of this module's API
 
 
 PRECISIONS = ("float32", "bfloat16")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import ot
 
-from ..scoring.representations import CosineSimilarity
+from .cosine import CosineSimilarity
 from . import strategies as selectors
 
 # Above this many selected x target pairs, "auto" uses entropic OT instead of the exact network simplex.

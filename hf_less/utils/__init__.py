@@ -1,2 +1,2 @@
 """Utilities the library and the application share: atomic I/O (:mod:`.io`), processes
-(:mod:`.distributed`), identities of weights, tokenizers and rows (:mod:`.identity`)."""
+(:mod:`.distributed`), identities of weights, tokenizers and rows (:mod:`.identity`), tensor helpers (:mod:`.tensors`)."""

@@ -7,7 +7,7 @@ import pytest
 from hf_less.selection import distance
 
 from hf_less.selection import strategies as selectors
-from hf_less.scoring.representations import CosineSimilarity
+from hf_less.selection.cosine import CosineSimilarity
 
 
 def features(seed=0, n=40, t=6, d=8):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_less.selection import strategies as selectors
-from hf_less.scoring.representations import CosineSimilarity
+from hf_less.selection.cosine import CosineSimilarity
 
 
 def rand_sims(n, t, seed=0):
