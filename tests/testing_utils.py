@@ -206,11 +206,26 @@ def py_hashed(counter: int, key: int) -> int:
     return py_mix32(py_mix32(counter ^ key) ^ (key >> 1))
 
 
-def py_rademacher(seed: int, row: int, col: int) -> float:
-    """Entry (row, col) of the unscaled Rademacher matrix, from the documented hash."""
-    row_hash = py_hashed(row, py_key(seed, 0))
-    word = py_mix32(((row_hash + (col // 32) * 0x9E3779B9) & M32) ^ py_key(seed, 1))
+def py_rademacher(seed: int, row: int, col: int, stream: int = 0) -> float:
+    """Entry (row, col) of the unscaled Rademacher matrix, from the documented hash (``stream`` 0)."""
+    row_hash = py_hashed(row, py_key(seed, stream))
+    word = py_mix32(((row_hash + (col // 32) * 0x9E3779B9) & M32) ^ py_key(seed, stream + 1))
     return 1.0 if (word >> (col % 32)) & 1 else -1.0
+
+
+def py_rowshift_matrix(P: int, d: int, seed: int) -> torch.Tensor:
+    """The row-shift sketch as a dense ``(P, d)`` matrix, built coordinate by coordinate from the documented hash.
+
+    Coordinate ``j`` is column ``c = j mod d`` of row ``k = j div d``; it goes to output ``(c + h_k) mod d``
+    with sign ``s_{k,c}``: ``h_k`` the row's hash (stream 2^32) mod d, the signs the Rademacher generator
+    on streams 2^32 + 1 and 2^32 + 2.
+    """
+    S = torch.zeros(P, d, dtype=torch.float64)
+    for j in range(P):
+        k, c = divmod(j, d)
+        h = py_hashed(k, py_key(seed, 2**32)) % d
+        S[j, (c + h) % d] = py_rademacher(seed, k, c, stream=2**32 + 1)
+    return S
 
 
 def py_sparse_matrix(P: int, d: int, seed: int, nnz: int) -> torch.Tensor:
@@ -231,6 +246,8 @@ def dense_matrix(P, d, kind, seed, nnz=4):
 
     if kind == "sparse":
         return py_sparse_matrix(P, d, seed, nnz).float()
+    if kind == "rowshift":
+        return py_rowshift_matrix(P, d, seed).float()
     blocks = []
     for k in range(math.ceil(P / BLOCK_ROWS)):
         rows = min(BLOCK_ROWS, P - k * BLOCK_ROWS)

@@ -1,8 +1,17 @@
 """Seeded random projections of gradient features (the paper's Pi: R^P -> R^d).
 
-Three kinds, all with ``E[<Pi x, Pi y>] = <x, y>`` (Johnson-Lindenstrauss):
+Four kinds, all with ``E[<Pi x, Pi y>] = <x, y>`` (Johnson-Lindenstrauss):
 
-- ``"sparse"`` (the default): a sparse JL transform (Kane & Nelson 2014; GraSS, arXiv 2505.18976).
+- ``"rowshift"`` (the default): a structured CountSketch. The P coordinates are cut into rows of
+  ``d`` (coordinate ``j`` is column ``j mod d`` of row ``j div d``); row ``k`` gets a hashed shift
+  ``h_k`` in ``[0, d)`` and a hashed sign per coordinate, and column ``c`` of row ``k`` is added
+  with its sign to output coordinate ``(c + h_k) mod d``. Two coordinates of one row never share
+  an output; two of different rows share one with probability exactly ``1/d`` (CountSketch's rate),
+  and the per-coordinate signs make those collisions cancel in expectation. The randomness is
+  ``P / d`` shifts and the sign bits, generated from a hash on the compute device (no stored
+  index tensor), and the sum is a gather followed by an ordered reduction: no atomics, so the
+  result is bitwise reproducible on one device and equal to float32 rounding across devices.
+- ``"sparse"``: a sparse JL transform (Kane & Nelson 2014; GraSS, arXiv 2505.18976).
   Coordinate ``j`` of the gradient is added to :data:`SPARSE_NNZ` output coordinates, one in each
   of ``s`` equal slices of ``[0, d)``, with a random sign each, scaled by ``1/sqrt(s)``. Buckets
   and signs come from an integer hash of ``(seed, slice, j)``: there is no matrix, the cost is
@@ -34,13 +43,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-KINDS = ("sparse", "rademacher", "gaussian")
+KINDS = ("rowshift", "sparse", "rademacher", "gaussian")
 DEFAULT_KIND = "sparse"
 PRECISIONS = ("auto", "float32", "bfloat16")
 BLOCK_ROWS = 4096
 # Version of each kind's generation, stored in the identity so features of another version are refused.
 # rademacher 1: one int8 draw per entry; 2: packed words drawn on the host; 3: counter-based hash on the device.
-MATRIX_VERSIONS = {"sparse": 1, "rademacher": 3, "gaussian": 2}
+MATRIX_VERSIONS = {"rowshift": 1, "sparse": 1, "rademacher": 3, "gaussian": 2}
 # Output coordinates per input coordinate of the sparse projection (s). 4 keeps the cosine error of
 # dense JL at d = 8192 on gradients whose mass sits in few coordinates (see docs/performance.md).
 SPARSE_NNZ = 4
@@ -50,6 +59,8 @@ WORD_BITS = 32
 AUTO_BF16_ENTRIES = 2**26
 # Counters (coordinate indices) must fit the 32-bit hash.
 MAX_DIM_IN = 2**32
+# Hash streams of the row-shift kind: far above the sparse kind's streams 2 .. 2 + s.
+ROWSHIFT_STREAM = 2**32
 
 _M32 = 0xFFFFFFFF
 _SIGN_TABLES: dict[tuple[str, torch.dtype], torch.Tensor] = {}
@@ -112,22 +123,24 @@ def sign_table(device: torch.device | str = "cpu", dtype: torch.dtype = torch.fl
 
 
 def rademacher_words(seed: int, row0: int, rows: int, proj_dim: int,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     device: torch.device | str = "cpu", stream: int = 0) -> torch.Tensor:
     """The sign words of rows ``[row0, row0 + rows)`` of R: ``(rows, ceil(d / 32))`` int64 in ``[0, 2^32)``.
 
     Word ``c`` of row ``j`` is a hash of ``(seed, j, c)`` computed on ``device``: its value depends
-    on nothing else (not the device, the block, nor how many rows are asked for).
+    on nothing else (not the device, the block, nor how many rows are asked for). ``stream`` picks
+    the pair of hash streams ``(stream, stream + 1)``: 0 for the Rademacher matrix, another for
+    another kind's signs.
     """
     if row0 < 0 or row0 + rows > MAX_DIM_IN:
         raise ValueError(f"Rows [{row0}, {row0 + rows}) fall outside the hash's range [0, 2^32).")
     j = torch.arange(row0, row0 + rows, device=device, dtype=torch.int64)
-    row_hash = hashed(j, hash_key(seed, 0))  # (rows,): unrelated values for neighbouring rows
+    row_hash = hashed(j, hash_key(seed, stream))  # (rows,): unrelated values for neighbouring rows
     words = -(-proj_dim // WORD_BITS)
     # Word c of row j: one more round over (row hash + golden-ratio step * c) ^ key; the row hash is
     # already random, so one round per word suffices (c * step < 2^26 * 2^32 < 2^63: no overflow).
     c = torch.arange(words, device=device, dtype=torch.int64) * 0x9E3779B9
     x = row_hash[:, None] + c
-    x.bitwise_and_(_M32).bitwise_xor_(hash_key(seed, 1))
+    x.bitwise_and_(_M32).bitwise_xor_(hash_key(seed, stream + 1))
     return mix32(x)
 
 
@@ -200,12 +213,13 @@ class _Cache:
         self._items: dict[tuple, torch.Tensor] = {}
         self.nbytes = 0
 
-    def get(self, key: tuple, make) -> torch.Tensor:
+    def get(self, key: tuple, make):
+        """The value cached under ``key``, else ``make()`` (a tensor or a tuple of tensors), kept if it fits."""
         hit = self._items.get(key)
         if hit is not None:
             return hit
         value = make()
-        size = value.numel() * value.element_size()
+        size = sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,)))
         if self.nbytes + size <= self.cache_bytes:
             self._items[key] = value
             self.nbytes += size
@@ -246,7 +260,7 @@ class RandomProjector:
     def __init__(self, dim_in: int, proj_dim: int, kind: str = "rademacher", seed: int = 0,
                  cache_bytes: int = 2**30, *, precision: str = "auto"):
         if kind not in ("rademacher", "gaussian"):
-            hint = " (use SparseProjector or make_projector for 'sparse')" if kind == "sparse" else ""
+            hint = " (use make_projector for 'sparse' or 'rowshift')" if kind in KINDS else ""
             raise ValueError(f"Unknown dense projection kind {kind!r}; expected 'rademacher' or 'gaussian'{hint}.")
         _check_dims(dim_in, proj_dim)
         if precision not in PRECISIONS:
@@ -379,6 +393,137 @@ class SparseProjector:
         return _project_whole(self, x)
 
 
+def rowshift_shifts(seed: int, row0: int, rows: int, proj_dim: int,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """The shifts ``h_k`` of rows ``[row0, row0 + rows)`` of the row-shift sketch: ``(rows,)`` int64 in ``[0, d)``."""
+    k = torch.arange(row0, row0 + rows, device=device, dtype=torch.int64)
+    return hashed(k, hash_key(seed, ROWSHIFT_STREAM)) % proj_dim
+
+
+def rowshift_signs(seed: int, row0: int, rows: int, proj_dim: int, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The signs of rows ``[row0, row0 + rows)`` of the row-shift sketch: ``(rows, d)`` +-1.
+
+    Sign ``c`` of row ``k`` is bit ``c mod 32`` of word ``c div 32`` of :func:`rademacher_words` on
+    the row-shift kind's own streams: the Rademacher generator, so equally cheap and device-independent.
+    """
+    words = rademacher_words(seed, row0, rows, proj_dim, device, stream=ROWSHIFT_STREAM + 1)
+    return expand_signs(words, proj_dim, dtype)
+
+
+class RowShiftProjector:
+    """The row-shift sketch (see the module doc): ``y[(c + h_k) mod d] += s_{k,c} x[k d + c]``.
+
+    As a matrix, column ``j = k d + c`` of ``S`` (``d x P``) has a single ``+-1`` at row
+    ``(c + h_k) mod d``: unit norm per coordinate, no scaling. Exact in float32.
+
+    Two computations of the same sum, chosen by ``method``:
+
+    - ``"gather"`` (``"auto"`` on CUDA): the slice ``x`` (``(B, n)``, coordinates
+      ``[offset, offset + n)``) is laid into the ``K`` rows it touches (``(B, K, d)``, zeros outside it),
+      multiplied by the signs, row ``k`` read at ``(p - h_k) mod d`` for output ``p`` (one ``gather``),
+      and the rows summed in order. No atomics: bitwise reproducible on a GPU, a few passes over ``B x n``.
+    - ``"scatter"`` (``"auto"`` on a CPU): ``index_add_`` of each coordinate into a ``(B, 2d)``
+      accumulator (the second half takes the negative signs), which a CPU runs in index order
+      (deterministic) at the cost of one pass; CUDA's ``index_add_`` uses float atomics, hence not there.
+
+    They differ by float32 rounding only (the order of the sums).
+
+    Args:
+        dim_in: P.
+        proj_dim: d.
+        seed: the projection seed.
+        cache_bytes: bound on the memory kept per parameter slice: signs and gather indices (12
+            bytes per coordinate) or scatter indices (8); slices beyond it regenerate theirs per call.
+        method: ``"auto"``, ``"gather"`` or ``"scatter"`` (see above).
+    """
+
+    kind = "rowshift"
+    METHODS = ("auto", "gather", "scatter")
+    # No matrix to amortise: each slice is projected as it is formed.
+    buffered = False
+    compute_dtype = torch.float32
+    precision = "float32"
+
+    def __init__(self, dim_in: int, proj_dim: int, seed: int = 0, cache_bytes: int = 2**30, *,
+                 method: str = "auto"):
+        _check_dims(dim_in, proj_dim)
+        if method not in self.METHODS:
+            raise ValueError(f"Unknown row-shift method {method!r}; expected one of {self.METHODS}.")
+        self.dim_in, self.proj_dim, self.seed, self.method = int(dim_in), proj_dim, int(seed), method
+        self._cache = _Cache(cache_bytes)
+
+    @property
+    def identity(self) -> dict:
+        # The method is not part of it: both compute the same matrix.
+        return {"kind": self.kind, "dim": self.proj_dim, "seed": self.seed, "dim_in": self.dim_in,
+                "version": MATRIX_VERSIONS[self.kind]}
+
+    def _rows(self, offset: int, n: int) -> tuple[int, int]:
+        """``(k0, K)``: the first row and the number of rows that ``[offset, offset + n)`` touches."""
+        d = self.proj_dim
+        return offset // d, -(-(offset % d + n) // d)
+
+    def gather_plan(self, offset: int, n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(signs (K, d) float32, index (K, d) int64)`` of the rows that ``[offset, offset + n)`` touches.
+
+        ``index[k, p] = (p - h_k) mod d``: where output ``p`` reads row ``k``. Cached per slice.
+        """
+        d = self.proj_dim
+        k0, rows = self._rows(offset, n)
+
+        def make():
+            p = torch.arange(d, device=device, dtype=torch.int64)
+            index = (p[None, :] - rowshift_shifts(self.seed, k0, rows, d, device)[:, None]).remainder_(d)
+            return rowshift_signs(self.seed, k0, rows, d, device), index
+
+        return self._cache.get(("gather", offset, n, str(device)), make)
+
+    def targets(self, offset: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``(n,)`` int64 in ``[0, 2d)``: coordinate ``j``'s output plus ``d`` if its sign is -1. Cached per slice."""
+        d = self.proj_dim
+
+        def make():
+            k0, rows = self._rows(offset, n)
+            lead = offset % d
+            out = (torch.arange(d, device=device, dtype=torch.int64)[None, :]
+                   + rowshift_shifts(self.seed, k0, rows, d, device)[:, None]).remainder_(d)
+            negative = rowshift_signs(self.seed, k0, rows, d, device) < 0
+            out += d * negative
+            return out.reshape(-1)[lead : lead + n].contiguous()
+
+        return self._cache.get(("scatter", offset, n, str(device)), make)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def project(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """The contribution of coordinates ``[offset, offset + n)``: ``(B, n) -> (B, d)`` float32.
+
+        Summing over slices that tile ``[0, P)`` gives the projection of the whole vectors.
+        """
+        n = x.shape[1]
+        _check_slice(offset, n, self.dim_in)
+        d, B = self.proj_dim, x.shape[0]
+        xs = x.detach().to(torch.float32)
+        method = self.method if self.method != "auto" else ("gather" if x.is_cuda else "scatter")
+        if method == "scatter":
+            acc = torch.zeros((B, 2 * d), device=x.device, dtype=torch.float32)
+            acc.index_add_(1, self.targets(offset, n, x.device), xs)
+            return acc[:, :d] - acc[:, d:]
+        signs, index = self.gather_plan(offset, n, x.device)
+        rows, lead = signs.shape[0], offset % d
+        if lead or n != rows * d:  # lay the slice into whole rows (the rows' other coordinates are 0)
+            xs = F.pad(xs, (lead, rows * d - lead - n))
+        xs = xs.view(B, rows, d) * signs
+        # out[b, p] = sum_k xs[b, k, (p - h_k) mod d]; the sum over k runs in a fixed order.
+        return torch.gather(xs, 2, index.expand(B, rows, d)).sum(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Project whole vectors: ``(B, P) -> (B, proj_dim)``."""
+        return _project_whole(self, x)
+
+
 def _check_slice(offset: int, n: int, dim_in: int) -> None:
     if offset < 0 or offset + n > dim_in:
         raise ValueError(f"Coordinates [{offset}, {offset + n}) fall outside [0, {dim_in}).")
@@ -390,11 +535,13 @@ def _project_whole(projector, x: torch.Tensor) -> torch.Tensor:
     return projector.project(x, 0)
 
 
-Projector = RandomProjector | SparseProjector
+Projector = RandomProjector | SparseProjector | RowShiftProjector
 
 
 def make_projector(dim_in: int, proj_dim: int, kind: str = DEFAULT_KIND, seed: int = 0, **kwargs) -> Projector:
     """The projector of ``kind`` (one of :data:`KINDS`); ``kwargs`` go to its class."""
+    if kind == "rowshift":
+        return RowShiftProjector(dim_in, proj_dim, seed, **kwargs)
     if kind == "sparse":
         return SparseProjector(dim_in, proj_dim, seed, **kwargs)
     if kind in ("rademacher", "gaussian"):

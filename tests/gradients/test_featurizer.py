@@ -23,7 +23,8 @@ def encoded(tokenizer):
     return encoded_toy_tasks(tokenizer)
 
 
-@pytest.mark.parametrize("kind,buffer_rows", [("rademacher", 1), ("rademacher", 100), ("sparse", 100)])
+@pytest.mark.parametrize("kind,buffer_rows", [("rademacher", 1), ("rademacher", 100), ("sparse", 100),
+                                              ("rowshift", 100)])
 def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, kind, buffer_rows):
     """Buffered units, one-by-one projection and the naive per-example loop agree, for each kind."""
     from hf_less.gradients.featurizer import Featurizer
@@ -103,6 +104,48 @@ def test_cuda_features_match_the_cpu_with_auto_batch_size(tokenizer, encoded):
     torch.testing.assert_close(out, cpu, rtol=1e-3, atol=1e-4)  # TF32 off by default: float32 on both
     bf16 = Featurizer(model, tokenizer, 256, show_progress=False, autocast=True)(encoded, moments)
     assert ((bf16 * cpu).sum(1) > 0.99).all()
+
+
+@pytest.mark.parametrize("kind", ["rowshift", "sparse", "rademacher"])
+def test_two_runs_give_bitwise_equal_features_under_deterministic_algorithms(tokenizer, encoded, kind):
+    """Determinism: fresh featurizers (fresh caches) on the same model give the same bits, and the path
+    runs under ``torch.use_deterministic_algorithms(True)`` (nothing on it is flagged non-deterministic)."""
+    from hf_less.gradients.featurizer import Featurizer
+
+    model = make_lora_model(tokenizer)
+    moments = random_moments(PerExampleGradients(model))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [Featurizer(model, tokenizer, 256, proj_kind=kind, batch_size=3, show_progress=False)(encoded, moments)
+                for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(runs[0], runs[1])
+    assert torch.isfinite(runs[0]).all() and torch.allclose(runs[0].norm(dim=1), torch.ones(len(encoded)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kind", ["rowshift", "rademacher"])
+def test_cuda_features_are_bitwise_reproducible_and_match_the_cpu(tokenizer, encoded, kind):
+    """Two runs on one GPU give equal bits (the row-shift gather has no atomics); the CPU agrees to float32
+    rounding. The store fingerprint rests on this."""
+    from hf_less.gradients.featurizer import Featurizer
+
+    model = make_lora_model(tokenizer)
+    moments = random_moments(PerExampleGradients(model))
+    cpu = Featurizer(model, tokenizer, 4096, proj_kind=kind, show_progress=False)(encoded, moments)
+    model.cuda()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [Featurizer(model, tokenizer, 4096, proj_kind=kind, batch_size=4, show_progress=False)(encoded, moments)
+                for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(runs[0], runs[1])
+    # Unit-norm features: float32 rounding of the gradients and of the sums, differently ordered.
+    assert (runs[0] - cpu).abs().max() < 1e-4
 
 
 def test_pool_direction_sgd_is_the_plain_gradient(lora_model, tokenizer, encoded):

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from hf_less.gradients.projection import (BLOCK_ROWS, MATRIX_VERSIONS, RandomProjector, SparseProjector, make_projector,
-                                projection_block)
+from hf_less.gradients.projection import (BLOCK_ROWS, MATRIX_VERSIONS, RandomProjector, RowShiftProjector, SparseProjector,
+                                          make_projector, projection_block)
 
 from tests.testing_utils import dense_matrix, py_rademacher, py_sparse_matrix
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sparse"])
+@pytest.mark.parametrize("kind", ["rowshift", "rademacher", "gaussian", "sparse"])
 def test_project_equals_dense_matmul_and_chunks_add_up(kind):
     P, d = BLOCK_ROWS + 1000, 64
     x = torch.randn(5, P)
@@ -82,7 +82,7 @@ def test_sparse_slices_cover_every_output_coordinate():
     assert counts[:16].std() / counts[:16].mean() < 0.1
 
 
-@pytest.mark.parametrize("kind", ["sparse", "rademacher", "gaussian"])
+@pytest.mark.parametrize("kind", ["rowshift", "sparse", "rademacher", "gaussian"])
 def test_inner_products_preserved_in_expectation(kind):
     # E[<Rx, Ry>] = <x, y>: average over many seeds.
     P, d = 200, 16
@@ -102,7 +102,7 @@ def test_rademacher_entries_and_seed():
     assert not torch.equal(b, projection_block("rademacher", 0, 1, 100, 32))
 
 
-@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+@pytest.mark.parametrize("kind", ["rowshift", "sparse", "rademacher"])
 def test_batch_size_does_not_change_projection(kind):
     P, d = 3000, 128
     x = torch.randn(7, P)
@@ -116,7 +116,7 @@ def _cos(a):
     return n @ n.T
 
 
-@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+@pytest.mark.parametrize("kind", ["rowshift", "sparse", "rademacher"])
 def test_johnson_lindenstrauss_cosines_track_exact(kind):
     # The same data and tolerance for every kind: the sparse projection is held to the dense one's bound.
     P, d = 5000, 2048
@@ -127,7 +127,7 @@ def test_johnson_lindenstrauss_cosines_track_exact(kind):
     assert err < 4 / math.sqrt(d)
 
 
-@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+@pytest.mark.parametrize("kind", ["rowshift", "sparse", "rademacher"])
 def test_johnson_lindenstrauss_on_heavy_tailed_gradients(kind):
     # Coordinates of very different sizes (as LoRA gradients have) collide in sparse buckets: s = 4
     # keeps the error within the dense bound, over several seeds.
@@ -141,9 +141,12 @@ def test_johnson_lindenstrauss_on_heavy_tailed_gradients(kind):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="Unknown projection kind 'count'"):
         make_projector(10, 4, "count")
-    with pytest.raises(ValueError, match="use SparseProjector or make_projector"):
-        RandomProjector(10, 4, kind="sparse")
-    for kind in ("sparse", "rademacher"):
+    for kind in ("sparse", "rowshift"):
+        with pytest.raises(ValueError, match=f"use make_projector for 'sparse' or 'rowshift'"):
+            RandomProjector(10, 4, kind=kind)
+    with pytest.raises(ValueError, match="Unknown row-shift method 'loop'"):
+        make_projector(10, 4, "rowshift", method="loop")
+    for kind in ("rowshift", "sparse", "rademacher"):
         with pytest.raises(ValueError, match="proj_dim must be a positive int"):
             make_projector(10, 0, kind)
         with pytest.raises(ValueError, match="Expected vectors of length 10"):
@@ -175,25 +178,89 @@ def test_packed_rademacher_is_balanced_and_independent_of_dtype():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_generators_give_the_same_bits_on_the_gpu():
-    from hf_less.gradients.projection import sparse_targets
+    from hf_less.gradients.projection import rowshift_shifts, rowshift_signs, sparse_targets
 
     for kind in ("rademacher", "gaussian"):
         cpu = projection_block(kind, 1, 3, 500, 64)
         gpu = projection_block(kind, 1, 3, 500, 64, device="cuda")
         assert torch.equal(gpu.cpu(), cpu)
     assert torch.equal(sparse_targets(1, 123456, 5000, 8192, 4, "cuda").cpu(), sparse_targets(1, 123456, 5000, 8192, 4))
+    for row0 in (0, 70001):
+        assert torch.equal(rowshift_signs(1, row0, 9, 8192, "cuda").cpu(), rowshift_signs(1, row0, 9, 8192))
+        assert torch.equal(rowshift_shifts(1, row0, 9, 8192, "cuda").cpu(), rowshift_shifts(1, row0, 9, 8192))
     x = torch.randn(4, 30000)
-    for kind in ("sparse", "rademacher"):
-        a = make_projector(30000, 512, kind, seed=2, **({} if kind == "sparse" else {"precision": "float32"}))(x)
-        b = make_projector(30000, 512, kind, seed=2, **({} if kind == "sparse" else {"precision": "float32"}))(
-            x.cuda()).cpu()
+    # Two GPU runs of the row-shift gather give equal bits (no atomics), also with fresh caches.
+    runs = [RowShiftProjector(30000, 512, seed=2)(x.cuda()) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    for kind in ("rowshift", "sparse", "rademacher"):
+        kw = {"precision": "float32"} if kind == "rademacher" else {}
+        a = make_projector(30000, 512, kind, seed=2, **kw)(x)
+        b = make_projector(30000, 512, kind, seed=2, **kw)(x.cuda()).cpu()
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_rowshift_bits_follow_the_documented_hash():
+    from hf_less.gradients.projection import ROWSHIFT_STREAM, rowshift_shifts, rowshift_signs
+
+    from tests.testing_utils import py_hashed, py_key
+
+    seed, d = 77, 100
+    for row in (0, 1, 5, 4096, 70001):
+        assert rowshift_shifts(seed, row, 1, d).item() == py_hashed(row, py_key(seed, ROWSHIFT_STREAM)) % d
+        want = torch.tensor([py_rademacher(seed, row, c, stream=ROWSHIFT_STREAM + 1) for c in range(d)])
+        assert torch.equal(rowshift_signs(seed, row, 1, d)[0], want), row
+
+
+def test_rowshift_gives_each_coordinate_one_signed_output_and_rows_never_collide_inside():
+    P, d = 1000, 64
+    S = RowShiftProjector(P, d, seed=4)(torch.eye(P)).double()
+    assert ((S != 0).sum(1) == 1).all() and set(S[S != 0].unique().tolist()) == {-1.0, 1.0}
+    for k in range(P // d):  # a row's d coordinates land on d different outputs: a cyclic shift
+        rows = S[k * d : (k + 1) * d].abs()
+        assert torch.equal(rows.sum(0), torch.ones(d, dtype=torch.float64)), k
+    # Each whole row covers every output once, so every output takes P div d or P div d + 1 coordinates.
+    load = S.abs().sum(0)
+    assert load.min() == P // d and load.max() == P // d + 1
+
+
+def test_rowshift_methods_agree_and_each_is_bitwise_deterministic():
+    P, d = 3 * 8192 + 517, 8192
+    x = gradient_like(6, P, seed=3)
+    out = {}
+    for method in ("gather", "scatter"):
+        a = RowShiftProjector(P, d, seed=1, method=method)
+        b = RowShiftProjector(P, d, seed=1, method=method, cache_bytes=0)  # nothing cached: regenerated
+        cut = 10000  # slices that start and end inside rows
+        out[method] = a.project(x[:, :cut], 0) + a.project(x[:, cut:], cut)
+        assert torch.equal(out[method], b.project(x[:, :cut], 0) + b.project(x[:, cut:], cut)), method
+    # The same sum in another order: float32 rounding apart.
+    torch.testing.assert_close(out["gather"], out["scatter"], rtol=1e-5, atol=1e-5 * out["scatter"].abs().max().item())
+
+
+def test_rowshift_cache_holds_the_plan_of_each_slice_within_its_bound():
+    proj = RowShiftProjector(1000, 64, cache_bytes=600 * 8 + 10, method="scatter")
+    x = torch.randn(3, 1000)
+    a = proj.project(x[:, :600], 0) + proj.project(x[:, 600:], 600)
+    assert proj._cache.keys() == [("scatter", 0, 600, "cpu")]  # the second slice did not fit
+    assert torch.equal(a, proj.project(x[:, :600], 0) + proj.project(x[:, 600:], 600))
 
 
 def test_identity_names_the_generation_version():
     assert RandomProjector(10, 4).identity["version"] == MATRIX_VERSIONS["rademacher"] == 3
     assert SparseProjector(10, 4, nnz=2).identity == {"kind": "sparse", "dim": 4, "seed": 0, "dim_in": 10, "nnz": 2,
                                                       "version": MATRIX_VERSIONS["sparse"]}
+    # The method computes the same matrix, so it is not part of the identity.
+    assert RowShiftProjector(10, 4, method="gather").identity == RowShiftProjector(10, 4).identity == {
+        "kind": "rowshift", "dim": 4, "seed": 0, "dim_in": 10, "version": MATRIX_VERSIONS["rowshift"]}
+
+
+def test_features_of_another_kind_are_refused():
+    from hf_less.gradients.store import IncompatibleFeaturesError, check_compatible
+
+    old = {"projection": SparseProjector(10, 4).identity, "dim": 4}
+    new = {"projection": RowShiftProjector(10, 4).identity, "dim": 4}
+    with pytest.raises(IncompatibleFeaturesError):
+        check_compatible(old, new)
 
 
 def test_features_of_an_older_generator_are_refused_with_recompute():
