@@ -57,6 +57,9 @@ WORD_BITS = 32
 # precision="auto" multiplies in bfloat16 from this many matrix entries (P * d) on: below it the
 # projection is cheap anyway and stays float32-exact.
 AUTO_BF16_ENTRIES = 2**26
+# Rows of the Rademacher matrix generated at once on CUDA when the matrix does not fit the cache: 16,384 rows
+# at d = 8192 in bfloat16 is a 256 MiB tile (fewer, larger kernels than one per 4,096-row block).
+CUDA_TILE_ENTRIES = 2**27
 # Counters (coordinate indices) must fit the 32-bit hash.
 MAX_DIM_IN = 2**32
 # Hash streams of the row-shift kind: far above the sparse kind's streams 2 .. 2 + s.
@@ -300,6 +303,20 @@ class RandomProjector:
     def clear_cache(self) -> None:
         self._cache.clear()
 
+    def streams(self, device: torch.device | str) -> bool:
+        """Whether rows are generated tile by tile and used at once rather than cached by block.
+
+        So for a Rademacher matrix larger than the cache: its entries depend on (seed, row, column)
+        only, so any tiling gives the same matrix, and nothing the size of ``P x d`` is ever held.
+        """
+        return self.kind == "rademacher" and self.dim_in * self.proj_dim * self.compute_dtype.itemsize > self.cache_bytes
+
+    def tile_rows(self, device: torch.device | str) -> int:
+        """Rows per generated tile when streaming: :data:`BLOCK_ROWS` on a CPU, larger tiles on CUDA."""
+        if torch.device(device).type == "cuda":
+            return max(BLOCK_ROWS, CUDA_TILE_ENTRIES // self.proj_dim)
+        return BLOCK_ROWS
+
     def project(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """``x[:, j] -> R[offset + j]``: the contribution of coordinates ``[offset, offset + n)``.
 
@@ -312,6 +329,16 @@ class RandomProjector:
         n = x.shape[1]
         _check_slice(offset, n, self.dim_in)
         out = torch.zeros((x.shape[0], self.proj_dim), device=x.device, dtype=torch.float32)
+        if self.streams(x.device):
+            step = self.tile_rows(x.device)
+            for r0 in range(0, n, step):
+                rows = min(step, n - r0)
+                words = rademacher_words(self.seed, offset + r0, rows, self.proj_dim, x.device)
+                tile = expand_signs(words, self.proj_dim, self.compute_dtype)
+                del words
+                out += _mm_float32_out(x[:, r0 : r0 + rows].to(self.compute_dtype), tile)
+                del tile
+            return out.mul_(self.scale)
         pos = offset
         while pos < offset + n:
             k, r0 = divmod(pos, BLOCK_ROWS)

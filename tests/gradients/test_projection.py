@@ -340,12 +340,29 @@ def test_bfloat16_projection_does_not_depend_on_batch_or_chunking():
 def test_cache_keeps_the_first_blocks_of_a_sweep():
     P, d = 4 * BLOCK_ROWS, 64
     block_bytes = BLOCK_ROWS * d * 4
-    proj = RandomProjector(P, d, cache_bytes=2 * block_bytes + 10)
+    # (A Gaussian matrix: a Rademacher one larger than the cache is streamed instead, see below.)
+    proj = RandomProjector(P, d, kind="gaussian", cache_bytes=2 * block_bytes + 10)
     x = torch.randn(2, P)
     a = proj(x)
     assert sorted(k for k, *_ in proj._cache.keys()) == [0, 1] and proj._cache.nbytes <= proj.cache_bytes
     torch.testing.assert_close(proj(x), a, rtol=0, atol=0)  # cached and regenerated blocks agree
     assert sorted(k for k, *_ in proj._cache.keys()) == [0, 1]
+
+
+def test_rademacher_larger_than_the_cache_is_streamed_tile_by_tile_with_the_same_matrix():
+    P, d = 3 * BLOCK_ROWS + 333, 96
+    x = gradient_like(5, P, seed=7)
+    cached = RandomProjector(P, d, seed=6, precision="float32")
+    streamed = RandomProjector(P, d, seed=6, precision="float32", cache_bytes=BLOCK_ROWS * d * 4)
+    assert not cached.streams("cpu") and streamed.streams("cpu") and streamed.tile_rows("cuda") >= BLOCK_ROWS
+    want = x.double() @ dense_matrix(P, d, "rademacher", 6).double()
+    for proj in (cached, streamed):
+        cut = 5000  # slices that start and end inside tiles
+        got = proj.project(x[:, :cut], 0) + proj.project(x[:, cut:], cut)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert streamed._cache.keys() == []  # nothing kept
+    # Gaussian blocks are drawn per block, so that kind never streams.
+    assert not RandomProjector(P, d, kind="gaussian", cache_bytes=0).streams("cpu")
 
 
 def test_sparse_cache_holds_the_targets_of_each_slice():
