@@ -61,7 +61,11 @@ PRESETS = {
     # name: (layers, hidden, intermediate, heads, rank, tokens, examples)
     "issue14-cpu": ([1, 8], 2048, 5632, 32, 64, 64, 32),
     "llama2-7b": ([32], 4096, 11008, 32, 128, 371, 64),
+    # SmolLM2-135M's shape (vocabulary 49,152; 9 heads, 3 key/value heads in the real model) with random
+    # weights, LoRA r=8 as in featurize_speed.py: where the model itself is not at hand (a GPU machine).
+    "smollm2-135m": ([30], 576, 1536, 9, 8, 128, 64),
 }
+PRESET_VOCAB = {"smollm2-135m": 49152}
 
 
 def parse_args(argv=None):
@@ -83,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--feat-batch-size", default=None,
                    help="featurization batch: an int, or 'auto' (the largest that fits, on CUDA); default --batch-size")
     p.add_argument("--rounds", type=int, default=2, help="alternating train / featurize rounds")
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32,000, or the preset's)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="model weights (default: float32 on a CPU, bfloat16 on CUDA)")
     p.add_argument("--model", default=None, help="a local model directory instead of random Llama shapes")
@@ -97,6 +101,8 @@ def parse_args(argv=None):
     for name, value in zip(("layers", "hidden", "intermediate", "heads", "rank", "tokens", "examples"), preset):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.vocab is None:
+        args.vocab = PRESET_VOCAB.get(args.preset, 32000)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     if args.quick:
         args.examples, args.rounds, args.big_pool = 8, 1, 0
