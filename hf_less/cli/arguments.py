@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..gradients.projection import DEFAULT_KIND
+from ..gradients.projection import DEFAULT_KIND, KIND_HELP
 from ..selection.strategies import Budget, parse_budget
 from .models import DEFAULT_MODEL
 
@@ -89,8 +89,7 @@ class FeaturizeArguments:
 
     proj_dim: int = field(default=8192, metadata={"help": "Random-projection dimension d (reference 8192); 0 = exact."})
     proj_kind: str = field(default=DEFAULT_KIND, metadata={
-        "help": "Projection: sparse (default; sparse JL, cost independent of d), rademacher (the reference's "
-                "dense +-1 matrix) or gaussian."})
+        "help": f"Projection (default {DEFAULT_KIND}): {KIND_HELP}."})
     pool_direction: str = field(default="adam", metadata={
         "help": "Pool examples' features: adam (LESS's Adam direction) or sgd (the plain gradient)."})
     checkpoints: list[int] | None = field(default=None, metadata={"help": "Warmup steps to use (default: all)."})

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import load_dataset_path
-from ..gradients.projection import DEFAULT_KIND
+from ..gradients.projection import DEFAULT_KIND, MATRIX_FREE_KINDS
 from ..selection.strategies import parse_budget
 from ..training.layout import RunLayout
 from ..utils.io import atomic_write_json
@@ -243,11 +243,11 @@ def make_selector(base_model, tokenizer, rd: RunData, layout: RunLayout, model_a
 
 
 def _shard_rows(selector) -> int:
-    """Small shards (a moving progress bar, cheap resumes) when there is no dense matrix (sparse or exact
-    features) or it stays cached between shards; large ones otherwise, since each shard would
+    """Small shards (a moving progress bar, cheap resumes) when there is no dense matrix (row-shift, sparse
+    or exact features) or it stays cached between shards; large ones otherwise, since each shard would
     regenerate the whole matrix."""
     projection = (getattr(selector, "identity", None) or {}).get("projection") or {}
-    if projection.get("kind", "sparse") == "sparse":
+    if projection.get("kind") in (None, *MATRIX_FREE_KINDS):
         return 32
     proj_dim = projection.get("dim") or 0
     params = sum(p.numel() for p in selector.model.parameters() if p.requires_grad)

@@ -7,7 +7,7 @@ captured during training and features computed afterwards are the same numbers.
 Work is cut into *units*. With a dense projection a unit is consecutive length-sorted
 micro-batches whose exact gradients fit in ``projection_buffer_bytes`` and are projected together
 (generating the random matrix costs P x d whatever the number of rows, so projecting several
-batches at once is cheaper); with the sparse projection (no matrix) or exact features, one batch. Units
+batches at once is cheaper); with a matrix-free projection (row-shift, sparse) or exact features, one batch. Units
 depend only on the examples, ``batch_size`` and the buffer, never on the number of processes:
 under ``torchrun``/``accelerate launch`` unit ``u`` runs on rank ``u % world_size`` and every
 feature is bit-identical to a single-process run.
@@ -139,8 +139,8 @@ class Featurizer:
         model: the model whose trainable parameters are featurized (usually a ``PeftModel``).
         tokenizer: turns text formats into ids; ``None`` for pre-tokenized data.
         proj_dim: d of the random projection; ``None`` keeps the exact P-dimensional gradients.
-        proj_kind, proj_seed: the projection (see :mod:`hf_less.gradients.projection`; ``"sparse"`` by default,
-            ``"rademacher"`` is the reference's dense matrix).
+        proj_kind, proj_seed: the projection (see :mod:`hf_less.gradients.projection`; :data:`DEFAULT_KIND`
+            by default, ``"rademacher"`` is the reference's dense matrix).
         max_length: truncation length in tokens.
         batch_size: examples per forward/backward pass, or ``"auto"``: on CUDA the largest size from
             :data:`AUTO_BATCH_START` down that runs the longest examples without running out of memory

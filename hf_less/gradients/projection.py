@@ -45,6 +45,12 @@ import torch.nn.functional as F
 
 KINDS = ("rowshift", "sparse", "rademacher", "gaussian")
 DEFAULT_KIND = "sparse"
+# Kinds with no matrix to generate: each parameter slice is projected as it is formed, at any batch size.
+MATRIX_FREE_KINDS = ("rowshift", "sparse")
+# One line on each kind, for command-line and config help.
+KIND_HELP = ("rowshift (a hashed shift per row of d coordinates, a hashed sign per coordinate: no atomics, "
+             "deterministic on a GPU), sparse (sparse JL with s = 4), rademacher (the reference's dense +-1 "
+             "matrix) or gaussian")
 PRECISIONS = ("auto", "float32", "bfloat16")
 BLOCK_ROWS = 4096
 # Version of each kind's generation, stored in the identity so features of another version are refused.

@@ -46,8 +46,9 @@ class LessSelector(TargetScorer):
         targets: the few target-task examples, in any supported format (Dataset, rows, columns).
         tokenizer: needed unless the data is pre-tokenized; loaded from ``model`` when it is a path.
         proj_dim: d of the random projection; ``None`` keeps exact, unprojected gradients.
-        proj_kind: ``"sparse"`` (default; sparse JL, cost independent of d), ``"rademacher"`` (the
-            reference's dense matrix) or ``"gaussian"``; see :mod:`hf_less.gradients.projection`.
+        proj_kind: ``"rowshift"``, ``"sparse"`` (both matrix-free, cost independent of d), ``"rademacher"``
+            (the reference's dense matrix) or ``"gaussian"``; the default is
+            :data:`hf_less.gradients.projection.DEFAULT_KIND`; see :mod:`hf_less.gradients.projection`.
         proj_seed: the projection seed.
         max_length: truncation length in tokens.
         batch_size: examples per forward/backward pass while featurizing, or ``"auto"`` (on CUDA the

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from ..gradients.featurizer import POOL_DIRECTIONS
-from ..gradients.projection import DEFAULT_KIND
+from ..gradients.projection import DEFAULT_KIND, KIND_HELP
 from ..selection import strategies as selectors
 
 
@@ -34,8 +34,7 @@ class LessSFTConfig(SFTConfig):
     less_proj_dim: int = field(default=8192, metadata={
         "help": "Dimension d of the random projection of gradients; 0 keeps exact, unprojected gradients."})
     less_proj_kind: str = field(default=DEFAULT_KIND, metadata={
-        "help": "Projection kind: 'sparse' (default: sparse JL, O(P s) per example), 'rademacher' (the "
-                "reference's dense +-1 matrix) or 'gaussian'."})
+        "help": f"Projection kind (default {DEFAULT_KIND}): {KIND_HELP}."})
     less_proj_seed: int = field(default=0, metadata={"help": "Seed of the random projection."})
     less_warmup_fraction: float = field(default=0.05, metadata={
         "help": "Fraction of the pool, drawn at random with less_seed, that the warmup LoRA trains on."})
