@@ -69,7 +69,7 @@ def test_pool_features_are_adam_directions(lora_model, tokenizer, encoded):
             torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sparse", "rademacher"])
+@pytest.mark.parametrize("kind", ["rowshift", "sparse", "rademacher"])
 def test_projected_features_equal_projection_of_exact(lora_model, tokenizer, encoded, kind):
     grads = PerExampleGradients(lora_model)
     proj = make_projector(grads.dim, 256, kind, seed=0)
