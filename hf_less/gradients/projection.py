@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 KINDS = ("rowshift", "sparse", "rademacher", "gaussian")
-DEFAULT_KIND = "sparse"
+DEFAULT_KIND = "rowshift"
 # Kinds with no matrix to generate: each parameter slice is projected as it is formed, at any batch size.
 MATRIX_FREE_KINDS = ("rowshift", "sparse")
 # One line on each kind, for command-line and config help.

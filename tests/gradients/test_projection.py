@@ -273,7 +273,7 @@ def test_features_of_an_older_generator_are_refused_with_recompute():
     check_compatible(new, dict(new))  # the same generator passes
 
 
-def test_default_kind_is_sparse_everywhere():
+def test_default_kind_is_rowshift_everywhere():
     import dataclasses
     import inspect
 
@@ -282,7 +282,7 @@ def test_default_kind_is_sparse_everywhere():
     from hf_less.gradients.featurizer import Featurizer
     from hf_less.gradients.projection import DEFAULT_KIND
 
-    assert DEFAULT_KIND == "sparse"
+    assert DEFAULT_KIND == "rowshift"
     for fn in (LessSelector.__init__, LessCallback.__init__, Featurizer.__init__):
         assert inspect.signature(fn).parameters["proj_kind"].default == DEFAULT_KIND
     fields = {f.name: f.default for f in dataclasses.fields(LessSFTConfig)}
