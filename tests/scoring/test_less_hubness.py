@@ -95,3 +95,29 @@ def test_bad_hub_settings_name_the_fix(tokenizer, warmup, targets):  # noqa: F81
         make_selector(tokenizer, warmup, targets, proj_dim=64, hub_correction="csls", hub_csls_k=99)
     with pytest.raises(ValueError, match="hub_csls_reference is the reference set of hub_correction='csls'"):
         make_selector(tokenizer, warmup, targets, proj_dim=64, hub_correction="center", hub_csls_reference=targets)
+
+
+def test_statistics_come_from_the_captured_pool_without_featurizing(tokenizer, pool, targets, tmp_path_factory,
+                                                                    monkeypatch):  # noqa: F811
+    from hf_less import LessCallback
+    from hf_less.gradients.store import FeatureStore
+    from tests.testing_utils import run_warmup
+
+    cb = LessCallback(pool=pool, targets=targets, proj_dim=64, batch_size=3, shard_rows=5, show_progress=False)
+    warm = run_warmup(tmp_path_factory.mktemp("captured"), tokenizer, cb)
+    selector = make_selector(tokenizer, warm, targets, proj_dim=64, hub_correction="pca", hub_pca_components=1)
+    assert selector.hub.statistics is not None and selector.hub.statistics[0].rows == len(pool)
+    calls = []
+    featurize = type(selector.featurizer).__call__
+    monkeypatch.setattr(type(selector.featurizer), "__call__", lambda *a, **k: calls.append(1) or featurize(*a, **k))
+    sims = np.asarray(pool.map(selector, batched=True, batch_size=4)["less_sims"])
+    assert not calls  # every pool row read from the capture
+    want = 0
+    for c, t in zip(selector.checkpoints, selector.target_features):
+        store = FeatureStore(c.captured("pool"))
+        f = torch.from_numpy(store.features(c.step).read(0, store.num_rows).astype(np.float64))
+        x = unit(f) - unit(f).mean(0)
+        _, _, vh = torch.linalg.svd(x, full_matrices=False)
+        x = x - x @ vh[:1].T @ vh[:1]
+        want = want + c.weight * unit(x) @ unit(t.double()).T
+    np.testing.assert_allclose(sims, want.numpy(), atol=2e-4)
