@@ -752,8 +752,8 @@ def hub_diagnostics(features: dict, remedies: dict[str, np.ndarray], targets: li
 def hub_table(selection_rows: list[dict], skew_rows: list[dict], budget: float, n: int, k: int) -> str:
     """The hubness figures as Markdown (see :func:`hub_diagnostics`)."""
     size = selectors.resolve_budget(budget, n)
-    lines = [f"Hubness at {budget:.0%} (k = {size} of {n}): overlap = mean pairwise |A ∩ B| / k of the selections made "
-             f"for different targets (random: about {size / n:.1%}); top-{TOP_GROUPS} share = the share of all the "
+    lines = [f"Hubness at {budget:.0%} (k = {size} of {n}): overlap = mean pairwise |A ∩ B| / k of the selections "
+             f"made for different targets (random: about {size / n:.1%}); top-{TOP_GROUPS} share = the share of all the "
              f"targets' selections together taken by the {TOP_GROUPS} most-selected source tasks.", "",
              f"| method | overlap | top-{TOP_GROUPS} share | most-selected source tasks (rows) |", "|---|---|---|---|"]
     for r in selection_rows:
@@ -1023,8 +1023,8 @@ def main() -> None:
     p.add_argument("--analysis_seeds", nargs="+", type=int, default=None,
                    help="Training seeds of the --distance bins and the --ablate cells (default: the first of --seeds).")
     p.add_argument("--target_set", choices=sorted(TARGET_SETS), default="base",
-                   help="With --transfer: the default targets. base: " + " ".join(TRANSFER_TARGETS) + "; hubs (issue 25): "
-                        + " ".join(HUB_TARGETS) + ", with date_understanding kept in the pool (--pool_include).")
+                   help="With --transfer: the default targets. base: " + " ".join(TRANSFER_TARGETS)
+                        + "; hubs (issue 25): " + " ".join(HUB_TARGETS) + ", with date_understanding kept in the pool (--pool_include).")
     p.add_argument("--pool_include", nargs="*", default=None,
                    help="--transfer: tasks always in the pool, placed first (default: the target set's; hubs: "
                         "date_understanding).")

@@ -98,7 +98,8 @@ class FeaturizeArguments:
                 "(default none: LESS as published; not measured to help yet, see docs/selection_quality.md)."})
     hub_pca_components: int = field(default=1, metadata={"help": "--hub_correction pca: principal components removed."})
     hub_csls_k: int = field(default=10, metadata={
-        "help": "--hub_correction csls: nearest targets a pool row's penalty is averaged over (at most --num_targets)."})
+        "help": "--hub_correction csls: nearest targets a pool row's penalty is averaged over "
+                "(at most --num_targets)."})
 
     def __post_init__(self):
         from ..scoring.hubness import HubCorrection

@@ -205,7 +205,8 @@ def centered(pool: torch.Tensor, stats: PoolStatistics) -> torch.Tensor:
 
     With ``stats.components`` of width 0 this is centering alone. The result is not renormalised: a
     cosine of it (e.g. :func:`hf_less.scoring.similarity.weighted_sims`) divides by its norm. A zero
-    row stays a zero row's image (``-mean``, projected): callers give it no score.
+    row (a skipped example) becomes ``-mean``, projected: callers give such rows no score (a store's
+    skipped rows score ``-inf``).
     """
     if pool.ndim != 2 or pool.shape[1] != stats.mean.shape[0]:
         raise ValueError(f"Expected (rows, {stats.mean.shape[0]}) pool features, got {tuple(pool.shape)}: "
@@ -265,7 +266,8 @@ class HubCorrection:
 
     def __post_init__(self):
         if self.kind not in (None, *HUB_CORRECTIONS):
-            raise ValueError(f"hub_correction={self.kind!r} is not one of None, {', '.join(map(repr, HUB_CORRECTIONS))}.")
+            names = ", ".join(map(repr, HUB_CORRECTIONS))
+            raise ValueError(f"hub_correction={self.kind!r} is not one of None, {names}.")
         if self.pca_method not in PCA_METHODS:
             raise ValueError(f"hub_pca_method={self.pca_method!r} is not one of {PCA_METHODS}.")
         if self.kind == "pca" and int(self.pca_components) < 1:

@@ -184,7 +184,6 @@ class LessSelector(TargetScorer):
         if self.hub_reference is not None:
             self._fingerprint_identity["hub_reference"] = [
                 hashlib.sha256(f.numpy().tobytes()).hexdigest() for f in self.hub_reference]
-        self.fingerprint = ""
         if self.hub.needs_statistics and self.has_captured_pool:
             self._fit_hub([(store, c.step) for (store, _), c in zip(self._captured_pool, self.checkpoints)])
         self._set_fingerprint()
@@ -215,9 +214,10 @@ class LessSelector(TargetScorer):
     def _hub_sims(self, pool: list[torch.Tensor], precision: str = "float32") -> torch.Tensor:
         """``(B, T)`` less_sims of per-checkpoint ``(B, d)`` pool features, with the hub correction."""
         if self.hub.needs_statistics and self.hub.statistics is None:
+            what = "mean feature and top components" if self.hub.kind == "pca" else "mean feature"
             raise ValueError(
-                f"hub_correction={self.hub.kind!r} needs the whole pool's mean feature{' and components' if self.hub.kind == 'pca' else ''}, "
-                "and this selector has no captured pool features to take them from. Featurize the pool into a "
+                f"hub_correction={self.hub.kind!r} needs the whole pool's {what}, and this selector has no "
+                "captured pool features to take them from. Featurize the pool into a "
                 "store and score it with score_store(store), or call fit_hub_statistics(store) before map.")
         weights = [c.weight for c in self.checkpoints]
         pool = self.hub.pool(pool)

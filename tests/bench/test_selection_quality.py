@@ -166,8 +166,9 @@ def test_pool_include_puts_a_task_first_in_the_pool_and_refuses_a_held_out_one(s
         assert used == include and set(pool["task"]) == set(include) and list(per_target) == ["alpha"]
     with pytest.raises(SystemExit, match=r"--pool_include \['alpha'\] are also targets"):
         sq.transfer_splits(tokenizer, argparse.Namespace(**vars(args), pool_include=["alpha"]))
+    few = argparse.Namespace(**{**vars(args), "min_task_examples": 25}, pool_include=["gamma"])
     with pytest.raises(SystemExit, match="--pool_include task 'gamma' has 24 examples that fit; --min_task_examples is 25"):
-        sq.transfer_splits(tokenizer, argparse.Namespace(**{**vars(args), "min_task_examples": 25}, pool_include=["gamma"]))
+        sq.transfer_splits(tokenizer, few)
 
 
 def test_pairwise_overlap_and_the_top_source_tasks_of_a_selection(sq):

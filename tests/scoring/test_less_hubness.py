@@ -44,8 +44,8 @@ def store(tokenizer, warmup, pool, targets, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("correction,components", [("center", 0), ("pca", 2)])
-def test_store_scores_equal_dense_centered_or_pca_removed_cosines(tokenizer, warmup, targets, store, correction,  # noqa: F811
-                                                                  components):
+def test_store_scores_equal_dense_centered_or_pca_removed_cosines(tokenizer, warmup, targets, store,  # noqa: F811
+                                                                  correction, components):
     selector = make_selector(tokenizer, warmup, targets, proj_dim=128, hub_correction=correction,
                              hub_pca_components=max(components, 1), hub_pca_method="covariance")
     scores, sims = selector.score_store(store, chunk_rows=4)  # chunks cross the 5-row shards
