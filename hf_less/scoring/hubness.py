@@ -161,19 +161,29 @@ def pool_statistics(chunks: Iterable[torch.Tensor | np.ndarray], components: int
         top = torch.argsort(values, descending=True)[:components]
         values, vectors = values[top], vectors[:, top]
     else:
-        values, vectors = _nystrom_top(second / rows - torch.outer(mean, mean @ omega), omega, components)
+        raw = second / rows
+        values, vectors = _nystrom_top(raw - torch.outer(mean, mean @ omega), omega, components,
+                                       scale=float(torch.linalg.matrix_norm(raw)))
     return PoolStatistics(mean.float(), vectors.float().contiguous(), values.clamp_min(0).float(), rows)
 
 
-def _nystrom_top(y: torch.Tensor, omega: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _nystrom_top(y: torch.Tensor, omega: torch.Tensor, c: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``c`` eigenpairs of a PSD ``A`` from its sketch ``y = A omega`` (stable single-pass Nystrom).
 
     ``A ~ y (omega^T y)^+ y^T``; a small shift ``nu`` keeps the Cholesky factor defined (Tropp et al. 2017).
+    ``scale``: the norm of what ``y`` was computed from (the uncentred sketch), the size of its rounding.
     """
-    nu = max(float(torch.linalg.matrix_norm(y)), 1e-30) * 2.2e-16 * math.sqrt(y.shape[0])
-    y_nu = y + nu * omega
-    core = omega.T @ y_nu
-    chol = torch.linalg.cholesky((core + core.T) / 2, upper=True)
+    nu = max(scale, float(torch.linalg.matrix_norm(y)), 1e-30) * 2.2e-16 * math.sqrt(y.shape[0])
+    for _ in range(8):  # rounding can leave omega^T y a hair indefinite: a larger shift then
+        y_nu = y + nu * omega
+        core = omega.T @ y_nu
+        chol, info = torch.linalg.cholesky_ex((core + core.T) / 2, upper=True)
+        if int(info) == 0:
+            break
+        nu *= 100
+    else:
+        raise ValueError("The randomized principal components failed (the sketch is not positive definite); "
+                         "use hub_pca_method='covariance'.")
     b = torch.linalg.solve_triangular(chol, y_nu, upper=True, left=False)  # y_nu chol^{-1}
     u, s, _ = torch.linalg.svd(b, full_matrices=False)
     return (s[:c] ** 2 - nu), u[:, :c]

@@ -228,3 +228,11 @@ def test_hub_correction_validates_and_names_itself():
     assert before["kind"] == "pca" and before["components"] == 2 and len(before["statistics"]) == 1
     pca.fit([chunks(pool[:40], 10)])
     assert pca.identity() != before  # other pool statistics, another identity
+
+
+def test_randomized_components_of_identical_rows_have_zero_variance():
+    stats = hubness.pool_statistics([torch.ones(6, 8)], 2, method="randomized", oversample=3)
+    assert stats.components.shape == (8, 2) and torch.isfinite(stats.components).all()
+    torch.testing.assert_close(stats.variances, torch.zeros(2), atol=1e-6, rtol=0)  # float32 products per chunk
+    x = hubness.centered(torch.ones(3, 8), stats)
+    torch.testing.assert_close(x, torch.zeros(3, 8), atol=1e-6, rtol=0)
