@@ -27,6 +27,12 @@ setting changed (warmup epochs, fraction or LoRA rank: a new warmup; projection 
 direction: the base warmup featurized anew), a table per value. ``--report_only`` writes the tables from the
 cells already in OUT and trains nothing.
 
+Hubness (issue 25): every transfer report has a hubness table (per targeted method, the overlap of its selections
+across targets and the share of them taken by the five most-selected source tasks; per representation, the skew
+of the k-occurrence, ``--hub_k``). ``--target_set hubs`` is a second target set (five tasks of other kinds) that
+keeps date_understanding in the pool. ``--hub_corrections center pca csls sgd`` adds LESS-topk under each remedy
+(per target and training seed, first budget) and a table of their target loss against LESS-topk.
+
 Resumable: finished cells are kept in OUT/cells.json (and each target's scores in OUT/scores_*.npz);
 run the same command again to continue. Writes OUT/results.md (the table) and OUT/results.png.
 
@@ -36,6 +42,7 @@ run the same command again to continue. Writes OUT/results.md (the table) and OU
     python examples/bench/selection_quality.py --transfer --quick     # transfer, about 30 min on 2 CPU cores
     python examples/bench/selection_quality.py --transfer             # transfer, 6 targets, a few CPU hours
     python examples/bench/selection_quality.py --transfer --distance --ablate warmup_epochs=1,4 proj_dim=2048,8192
+    python examples/bench/selection_quality.py --transfer --target_set hubs --hub_corrections center pca csls sgd
 """
 
 from __future__ import annotations
@@ -235,6 +242,14 @@ def plot(rows: list[dict], path: Path, args) -> None:
 TRANSFER_TARGETS = ("date_understanding", "navigate", "hindu_knowledge", "word_unscrambling", "social_iqa",
                     "sports_understanding")
 QUICK_TARGETS = ("hindu_knowledge", "word_unscrambling", "social_iqa")
+# The second target set (--target_set hubs, issue 25): five tasks of different kinds, none a target of the first
+# set, with date_understanding kept IN the pool (placed first among its tasks): LESS drew on it for every target.
+HUB_TARGETS = ("object_counting", "general_knowledge", "implicatures", "word_sorting", "cause_and_effect")
+HUB_QUICK_TARGETS = ("object_counting", "general_knowledge", "implicatures")
+TARGET_SETS = {
+    "base": {"targets": TRANSFER_TARGETS, "quick": QUICK_TARGETS, "pool_include": ()},
+    "hubs": {"targets": HUB_TARGETS, "quick": HUB_QUICK_TARGETS, "pool_include": ("date_understanding",)},
+}
 REPRESENTATIONS = ("less", "rds", "embedding", "random")
 
 
@@ -265,12 +280,18 @@ def transfer_splits(tokenizer, args):
     Every task's examples are shuffled once, then the first ones that fit ``max_length`` are taken; the
     pool's tasks are the first ``--pool_tasks`` of a fixed shuffle of ALL task names that are neither
     excluded nor too small, so pools that exclude different targets share most of their tasks.
+    ``--pool_include`` tasks come first in that order (always in the pool: the hubs target set keeps
+    date_understanding there).
     """
     from hf_less.cli.bigbench import BigBenchArchive, as_dataset, shuffled, task_examples
 
     bb = BigBenchArchive()
     targets = list(args.targets)
     excluded = {t.split(":")[0] for t in targets} | set(args.exclude_tasks)
+    include = list(getattr(args, "pool_include", ()) or ())
+    if set(include) & excluded:
+        raise SystemExit(f"--pool_include {sorted(set(include) & excluded)} are also targets or excluded tasks: a task "
+                         "is either in the pool or held out.")
     bb.extract(bb.task_names())  # one archive pass for every file not yet copied out
     per_target = {}
     need = args.num_targets + args.num_eval
@@ -280,7 +301,7 @@ def transfer_splits(tokenizer, args):
             raise SystemExit(f"Target task {t!r} has {len(rows)} usable examples; {need} are needed.")
         per_target[t] = (as_dataset(rows[:args.num_targets]), as_dataset(rows[args.num_targets:need]))
     pool, used = [], []
-    for t in shuffled(bb.task_names(), 0, "tasks"):
+    for t in include + [t for t in shuffled(bb.task_names(), 0, "tasks") if t not in include]:
         if len(used) == args.pool_tasks:
             break
         if t in excluded:
@@ -288,6 +309,9 @@ def transfer_splits(tokenizer, args):
         rows = fitting(tokenizer, shuffled(task_examples(bb, t, args.max_chars), 0, t), args.max_length,
                        max(args.examples_per_task, args.min_task_examples))
         if len(rows) < args.min_task_examples:
+            if t in include:
+                raise SystemExit(f"--pool_include task {t!r} has {len(rows)} examples that fit; "
+                                 f"--min_task_examples is {args.min_task_examples}.")
             continue
         used.append(t)
         pool += rows[:args.examples_per_task]
@@ -624,6 +648,173 @@ def ablation_table(cells: dict, targets: list[str], budget: float, ablations: li
     return "\n".join(lines) + "\n"
 
 
+# Hubness (issue 25): a few pool rows near every target. Remedies of LESS's similarities, each a LESS-topk row.
+HUB_REMEDIES = ("center", "pca", "csls", "sgd")
+HUB_METHODS = ("LESS-topk", "LESS-round_robin", "LESS-uot", "rds-topk", "rds-round_robin", "embedding-topk",
+               "embedding-round_robin")
+TOP_GROUPS = 5
+
+
+def remedy_name(remedy: str, args) -> str:
+    """The remedy with its parameter, as cells and caches name it: center, pca1, csls10, sgd."""
+    if remedy not in HUB_REMEDIES:
+        raise SystemExit(f"--hub_corrections {remedy!r}: expected some of {', '.join(HUB_REMEDIES)}.")
+    return {"pca": f"pca{args.hub_pca_components}", "csls": f"csls{args.hub_csls_k}"}.get(remedy, remedy)
+
+
+def hub_cache(out: Path, name: str) -> Path:
+    return out / "hub" / name / "less_sims.npz"
+
+
+def hub_sims(base, tokenizer, pool, all_targets, out: Path, args, remedy: str, compute: bool = True):
+    """LESS's (N, T) similarities under a remedy (cached; None when not cached and not ``compute``).
+
+    center / pca / csls: LessSelector(hub_correction=...) over the base warmup's captured features (the pool
+    statistics in one pass over them, nothing featurized again); sgd: the pool featurized with its plain
+    gradient (the ``--ablate pool_direction=sgd`` similarities, shared with it).
+    """
+    from hf_less import LessSelector
+
+    if remedy == "sgd":
+        if args.pool_direction == "sgd":
+            raise SystemExit("--hub_corrections sgd with --pool_direction sgd: the base is already sgd.")
+        cache = ablation_cache(out, "pool_direction", "sgd")
+        if cache.exists() or compute:
+            return ablation_sims(base, tokenizer, pool, all_targets, out, args, "pool_direction", "sgd")
+        return None
+    cache = hub_cache(out, remedy_name(remedy, args))
+    if cache.exists():
+        return np.load(cache)["less_sims"]
+    if not compute:
+        return None
+    t = time.time()
+    less = LessSelector(copy.deepcopy(base), out / "warmup", all_targets, tokenizer=tokenizer, proj_dim=args.proj_dim,
+                        proj_kind=args.proj_kind, pool_direction=args.pool_direction, max_length=args.max_length,
+                        batch_size=args.batch_size, hub_correction=remedy, hub_pca_components=args.hub_pca_components,
+                        hub_csls_k=args.hub_csls_k)
+    _, sims = less.score(pool)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, less_sims=sims, seconds=time.time() - t)
+    return sims
+
+
+def pairwise_overlap(selections: dict[str, list[int]]) -> float | None:
+    """Mean over target pairs of ``|A ∩ B| / k`` of their selections (``k`` the selection size); None under 2."""
+    names = list(selections)
+    if len(names) < 2:
+        return None
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    return statistics.mean(len(set(selections[a]) & set(selections[b])) / max(1, len(selections[a]))
+                           for a, b in pairs)
+
+
+def hub_selection_row(label: str, selections: dict[str, list[int]], groups: list[str]) -> dict:
+    """One method's hubness figures: overlap across targets, and the share of all its selections (pooled over the
+    targets) taken by the ``TOP_GROUPS`` most-selected source tasks, with those tasks and their counts."""
+    from hf_less.scoring.hubness import top_group_share, top_groups
+
+    pooled = [i for rows in selections.values() for i in rows]
+    return {"method": label, "overlap": pairwise_overlap(selections),
+            "top_share": top_group_share(groups, pooled, TOP_GROUPS) if pooled else None,
+            "top_groups": top_groups(groups, pooled, TOP_GROUPS) if pooled else []}
+
+
+def hub_skew_row(label: str, sims: np.ndarray, k: int) -> dict:
+    """A representation's k-occurrence (how many target examples have each pool row in their top k) and its skew."""
+    from hf_less.scoring.hubness import k_occurrence, skewness
+
+    occ = k_occurrence(np.asarray(sims, dtype=np.float32), k)
+    return {"representation": label, "skew": skewness(occ), "max": int(occ.max()), "queries": int(np.shape(sims)[1]),
+            "never": float((occ == 0).mean())}
+
+
+def hub_diagnostics(features: dict, remedies: dict[str, np.ndarray], targets: list[str], budget: float, n: int,
+                    groups: list[str], k: int) -> tuple[list[dict], list[dict]]:
+    """(selection rows, skew rows): every targeted method's figures and every representation's k-occurrence skew.
+
+    ``remedies``: a remedy's name -> its LESS ``(N, T)`` similarities (rows ``LESS[name]-topk``, ``less[name]``).
+    """
+    size = selectors.resolve_budget(budget, n)
+    variants = [("", features, HUB_METHODS)] + [
+        (name, {**features, "less_sims": sims}, ("LESS-topk",)) for name, sims in remedies.items()]
+    selection_rows = []
+    for name, feats, methods in variants:
+        for method in methods:
+            label = method.replace("LESS-", f"LESS[{name}]-") if name else method
+            chosen = {t: select(method, size, 0, target_scores(feats, t), n) for t in targets}
+            selection_rows.append(hub_selection_row(label, chosen, groups))
+    cols = np.isin(features["target_task"], targets)
+    skew_rows = [hub_skew_row(rep, np.asarray(features[f"{rep}_sims"])[:, cols], k) for rep in REPRESENTATIONS]
+    skew_rows += [hub_skew_row(f"less[{name}]", np.asarray(sims)[:, cols], k) for name, sims in remedies.items()]
+    return selection_rows, skew_rows
+
+
+def hub_table(selection_rows: list[dict], skew_rows: list[dict], budget: float, n: int, k: int) -> str:
+    """The hubness figures as Markdown (see :func:`hub_diagnostics`)."""
+    size = selectors.resolve_budget(budget, n)
+    lines = [f"Hubness at {budget:.0%} (k = {size} of {n}): overlap = mean pairwise |A ∩ B| / k of the selections "
+             f"made for different targets (random: about {size / n:.1%}); top-{TOP_GROUPS} share = the share of all the "
+             f"targets' selections together taken by the {TOP_GROUPS} most-selected source tasks.", "",
+             f"| method | overlap | top-{TOP_GROUPS} share | most-selected source tasks (rows) |", "|---|---|---|---|"]
+    for r in selection_rows:
+        ov = "-" if r["overlap"] is None else f"{r['overlap']:.1%}"
+        share = "-" if r["top_share"] is None else f"{r['top_share']:.1%}"
+        top = ", ".join(f"{g} {c}" for g, c in r["top_groups"]) or "-"
+        lines.append(f"| {r['method']} | {ov} | {share} | {top} |")
+    lines += ["", f"k-occurrence N_{k}(x): for each pool row, how many target examples have it among their {k} most "
+              "similar rows; its skewness is near 0 without hubs and large with them.", "",
+              f"| representation | skew of N_{k} | max N_{k} (of the target examples) | rows in no top {k} |",
+              "|---|---|---|---|"]
+    for r in skew_rows:
+        skew = "-" if r["skew"] != r["skew"] else f"{r['skew']:.2f}"
+        lines.append(f"| {r['representation']} | {skew} | {r['max']} of {r['queries']} | {r['never']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def _loss_stats(cells: dict, prefix: str, seeds=None) -> tuple[float, float] | None:
+    """(mean, sd) of the target loss over the cells whose key starts with ``prefix`` (one per seed)."""
+    got = [c["target_loss"] for key, c in cells.items() if key.startswith(prefix)
+           and (seeds is None or int(key.rsplit("|", 1)[1]) in seeds)]
+    if not got:
+        return None
+    return statistics.mean(got), statistics.stdev(got) if len(got) > 1 else 0.0
+
+
+def hub_loss_table(cells: dict, targets: list[str], budget: float, names: list[str], seeds: list[int]) -> str:
+    """Per remedy (cells ``hub|NAME|TARGET|BUDGET|LESS-topk|SEED``) against LESS-topk without it, on the same seeds.
+
+    lower = targets where the remedy's mean loss is below LESS-topk's; beyond the spread = its mean + sd below
+    LESS-topk's mean - sd; raised = LESS-topk's mean + sd below the remedy's mean - sd (the adoption rule of
+    issue 25: lower on two thirds of the targets of both sets, never raised beyond the spread).
+    """
+    lines = [f"Hubness remedies at {budget:.0%}, LESS-topk with each remedy against LESS-topk without it (training "
+             f"seeds {seeds}); loss / random = mean over targets of the loss over random's mean loss.", "",
+             "| remedy | targets | mean loss | LESS-topk mean loss | loss / random | lower | lower beyond the spread "
+             "| raised beyond the spread |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        losses, bases, ratios, lower, beyond, raised = [], [], [], 0, 0, 0
+        for target in targets:
+            m = _loss_stats(cells, f"hub|{name}|{target}|{budget}|LESS-topk|", seeds)
+            b = _loss_stats(cells, f"transfer|{target}|{budget}|LESS-topk|", seeds)
+            r = _loss_stats(cells, f"transfer|{target}|{budget}|random|")
+            if m is None or b is None:
+                continue
+            losses.append(m[0])
+            bases.append(b[0])
+            if r is not None:
+                ratios.append(m[0] / r[0])
+            lower += m[0] < b[0]
+            beyond += m[0] + m[1] < b[0] - b[1]
+            raised += b[0] + b[1] < m[0] - m[1]
+        if not losses:
+            lines.append(f"| {name} | 0 | - | - | - | - | - | - |")
+            continue
+        ratio = f"{statistics.mean(ratios):.3f}" if ratios else "-"
+        lines.append(f"| {name} | {len(losses)} | {statistics.mean(losses):.3f} | {statistics.mean(bases):.3f} | "
+                     f"{ratio} | {lower}/{len(losses)} | {beyond}/{len(losses)} | {raised}/{len(losses)} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path, t0: float, ev: dict) -> str:
     """The transfer benchmark: one shared pool without the target tasks, every target scored against it.
 
@@ -645,6 +836,9 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
     key_of = lambda target, budget, method, seed: f"transfer|{target}|{budget}|{method}|{seed}"  # noqa: E731
     ablations = [parse_ablation(spec) for spec in args.ablate]
     diagnostics: dict = {}
+    hub_names = [remedy_name(r, args) for r in args.hub_corrections]
+    remedies: dict[str, np.ndarray] = {}  # remedy name -> LESS's (N, T) similarities under it
+    hub_text = ""
 
     def header(elapsed: float) -> str:
         return (f"selection_quality --transfer{' --quick' if args.quick else ''}: SmolLM2-135M-Instruct; pool {n} "
@@ -678,6 +872,10 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
             text += "\n" + distance_table(cells, targets, args.distance_budget)[0]
         if ablations:
             text += "\n" + ablation_table(cells, targets, args.budgets[0], ablations, args, diagnostics)
+        if hub_text:
+            text += "\n" + hub_text
+        if hub_names:
+            text += "\n" + hub_loss_table(cells, targets, args.budgets[0], hub_names, args.seeds)
         (out / "results.md").write_text(text)
         return text
 
@@ -710,6 +908,19 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
         evaluate(base, missing, "zero-shot", "-", 0, 0, time.time())
     features = transfer_features(base, tokenizer, pool, per_target, out, args)
     print(f"[{time.time() - t0:7.0f}s] scores of every representation ready", flush=True)
+    if hub_names:
+        from datasets import concatenate_datasets
+
+        hub_targets = text_only(concatenate_datasets([per_target[t][0] for t in targets]))
+        for remedy, name in zip(args.hub_corrections, hub_names):
+            # --report_only computes the cheap remedies (captured features) but featurizes nothing (sgd: cached only)
+            sims = hub_sims(base, tokenizer, text_only(pool), hub_targets, out, args, remedy,
+                            compute=not (args.report_only and remedy == "sgd"))
+            if sims is not None:
+                remedies[name] = sims
+        print(f"[{time.time() - t0:7.0f}s] hubness remedies ready: {', '.join(remedies) or 'none'}", flush=True)
+    hub_text = hub_table(*hub_diagnostics(features, remedies, targets, args.budgets[0], n, list(pool["task"]),
+                                          args.hub_k), args.budgets[0], n, args.hub_k)
     report()
     if args.report_only:  # the tables of the cells present; the ablations' diagnostics where their scores are cached
         for name, values in ablations:
@@ -744,6 +955,16 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                     t = time.time()
                     rows = select(method, k, seed, scores, n)
                     evaluate(train(rows, seed, args.epochs), [target], method, budget, seed, len(rows), t)
+    if remedies:  # LESS-topk under each remedy, per target, on the training seeds (first budget)
+        budget = args.budgets[0]
+        k = selectors.resolve_budget(budget, n)
+        for name, sims in remedies.items():
+            sub = {**features, "less_sims": sims}
+            for target in targets:
+                for seed in args.seeds:
+                    key = f"hub|{name}|{target}|{budget}|LESS-topk|{seed}"
+                    if key not in cells:
+                        analysis_cell(key, select("LESS-topk", k, seed, target_scores(sub, target), n), target, seed)
     if args.distance:
         from hf_less.selection.distance import subset_distances
 
@@ -801,6 +1022,22 @@ def main() -> None:
                    help="--ablate: the LESS selections trained per setting (each adds a training per target).")
     p.add_argument("--analysis_seeds", nargs="+", type=int, default=None,
                    help="Training seeds of the --distance bins and the --ablate cells (default: the first of --seeds).")
+    p.add_argument("--target_set", choices=sorted(TARGET_SETS), default="base",
+                   help="With --transfer: the default targets. base: " + " ".join(TRANSFER_TARGETS)
+                        + "; hubs (issue 25): " + " ".join(HUB_TARGETS) + ", with date_understanding kept in the pool (--pool_include).")
+    p.add_argument("--pool_include", nargs="*", default=None,
+                   help="--transfer: tasks always in the pool, placed first (default: the target set's; hubs: "
+                        "date_understanding).")
+    p.add_argument("--hub_corrections", nargs="*", default=[], choices=HUB_REMEDIES,
+                   help="With --transfer: LESS-topk again under each hubness remedy (center, pca, csls: "
+                        "LessSelector(hub_correction=...) on the captured features; sgd: pool_direction=sgd, "
+                        "featurized anew), per target and training seed at the first budget, with a table against "
+                        "LESS-topk. The hubness figures of each remedy join the report's hubness table.")
+    p.add_argument("--hub_pca_components", type=int, default=1, help="--hub_corrections pca: components removed.")
+    p.add_argument("--hub_csls_k", type=int, default=10,
+                   help="--hub_corrections csls: nearest target examples (of all the targets) in a row's penalty.")
+    p.add_argument("--hub_k", type=int, default=10,
+                   help="--transfer: the k of the k-occurrence (hubness) statistic in the report.")
     p.add_argument("--warmup_lora_r", type=int, default=8, help="The LESS warmup's LoRA rank (alpha = 4 r).")
     p.add_argument("--proj_kind", default="sparse", help="LESS projection: sparse (default) or rademacher.")
     p.add_argument("--pool_direction", default="adam", help="LESS pool-side direction: adam (default) or sgd.")
@@ -848,11 +1085,16 @@ def main() -> None:
         p.error("--ablate is a study of the transfer mode; add --transfer.")
     if args.distance and not args.transfer:
         p.error("--distance is an analysis of the transfer mode; add --transfer.")
+    if (args.hub_corrections or args.target_set != "base" or args.pool_include) and not args.transfer:
+        p.error("--target_set, --pool_include and --hub_corrections are options of the transfer mode; add --transfer.")
     quick = args.quick
+    target_set = TARGET_SETS[args.target_set]
     defaults = {
-        "out": "out/selection_quality" + ("_transfer" if args.transfer else "") + ("_quick" if quick else ""),
-        "targets": list(QUICK_TARGETS if quick else TRANSFER_TARGETS) if args.transfer
+        "out": "out/selection_quality" + ("_transfer" if args.transfer else "")
+               + ("" if args.target_set == "base" else f"_{args.target_set}") + ("_quick" if quick else ""),
+        "targets": list(target_set["quick"] if quick else target_set["targets"]) if args.transfer
         else ["sports_understanding", "object_counting"],
+        "pool_include": list(target_set["pool_include"]),
         "budgets": [0.05] if quick else [0.05, 0.1],
         "seeds": [0] if quick else [0, 1],
         "random_seeds": [0, 1] if quick else [0, 1, 2],

@@ -93,6 +93,18 @@ class FeaturizeArguments:
     pool_direction: str = field(default="adam", metadata={
         "help": "Pool examples' features: adam (LESS's Adam direction) or sgd (the plain gradient)."})
     checkpoints: list[int] | None = field(default=None, metadata={"help": "Warmup steps to use (default: all)."})
+    hub_correction: str | None = field(default=None, metadata={
+        "help": "Scoring: a correction of hubness (a few pool rows near every target): center, pca or csls "
+                "(default none: LESS as published; not measured to help yet, see docs/selection_quality.md)."})
+    hub_pca_components: int = field(default=1, metadata={"help": "--hub_correction pca: principal components removed."})
+    hub_csls_k: int = field(default=10, metadata={
+        "help": "--hub_correction csls: nearest targets a pool row's penalty is averaged over "
+                "(at most --num_targets)."})
+
+    def __post_init__(self):
+        from ..scoring.hubness import HubCorrection
+
+        HubCorrection(self.hub_correction, self.hub_pca_components, csls_k=self.hub_csls_k)  # refuse bad values early
 
 
 @dataclass

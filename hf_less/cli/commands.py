@@ -71,7 +71,11 @@ def cmd_select(run, data, model_args, feat, sel):
     if saved.exists():  # score with the projection and checkpoints the store was written with
         stored = json.loads(saved.read_text())
         feat = FeaturizeArguments(proj_dim=stored["proj_dim"], proj_kind=stored.get("proj_kind", "rademacher"),
-                                  pool_direction=stored.get("pool_direction", "adam"), checkpoints=stored["checkpoints"])
+                                  pool_direction=stored.get("pool_direction", "adam"),
+                                  checkpoints=stored["checkpoints"],
+                                  # scoring options: this command's own, not the store's
+                                  hub_correction=feat.hub_correction, hub_pca_components=feat.hub_pca_components,
+                                  hub_csls_k=feat.hub_csls_k)
     selector = make_selector(model, tokenizer, rd, layout, model_args, feat, run)
     scores, sims = selector.score_store(layout.store)
     do_select(selector, np.asarray(scores), np.asarray(sims), rd, layout, sel, run)

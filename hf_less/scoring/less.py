@@ -24,6 +24,7 @@ from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
 from ..utils import distributed
 from ..utils.identity import tokenizer_identity
 from .base import TargetScorer, fingerprint_of, load_causal_lm, register_datasets_hash, target_columns
+from .hubness import HubCorrection, chunks_of
 from .similarity import less_score, subtask_index, weighted_sims
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,16 @@ class LessSelector(TargetScorer):
             all, or none left after truncation to ``max_length``): ``"error"`` (default) stops and
             names it; ``"skip"`` scores a pool example ``-inf`` (``less_sims`` all ``-inf``; never
             selected by any strategy) and drops a target example with a warning.
+        hub_correction: ``None`` (default: LESS as published), ``"center"``, ``"pca"`` or ``"csls"``: a
+            correction of hubness (a few pool rows near every target), see :mod:`hf_less.scoring.hubness`.
+            ``"center"`` and ``"pca"`` need the pool's statistics: they are taken from the pool features
+            captured during the warmup, or from the store :meth:`score_store` scores (or
+            :meth:`fit_hub_statistics`), in one pass over each checkpoint's features.
+        hub_pca_components, hub_pca_method: ``"pca"``: how many top principal components to remove, and
+            how to find them (``"auto"``, ``"covariance"``, ``"randomized"``; costs in :mod:`hf_less.scoring.hubness`).
+        hub_csls_k: ``"csls"``: a pool row's penalty is its mean similarity to its ``k`` nearest reference targets.
+        hub_csls_reference: ``"csls"``: the reference targets (e.g. other tasks' target examples, in any
+            target format); default the targets themselves.
 
     Example:
         >>> selector = LessSelector(base_model, "warmup", targets, tokenizer=tok, proj_dim=8192)
@@ -94,7 +105,16 @@ class LessSelector(TargetScorer):
         projection_buffer_bytes: int = 2**30,
         use_captured: bool = True,
         on_empty_completion: str = "error",
+        hub_correction: str | None = None,
+        hub_pca_components: int = 1,
+        hub_pca_method: str = "auto",
+        hub_csls_k: int = 10,
+        hub_csls_reference: Any = None,
     ):
+        self.hub = HubCorrection(hub_correction, hub_pca_components, hub_pca_method, hub_csls_k)
+        if hub_csls_reference is not None and hub_correction != "csls":
+            raise ValueError(f"hub_csls_reference is the reference set of hub_correction='csls'; it was given with "
+                             f"hub_correction={hub_correction!r}. Drop it, or set hub_correction='csls'.")
         self.checkpoints: list[LessCheckpoint] = find_checkpoints(warmup_dir, checkpoints)
         self.warmup_dir = Path(warmup_dir)
         model, tokenizer = load_causal_lm(model, tokenizer)
@@ -142,14 +162,68 @@ class LessSelector(TargetScorer):
         self._warned_overlap = False
         self.num_targets = len(encoded)
         self.target_features = [self._target_features(encoded, i) for i in range(len(self.checkpoints))]
+        self.hub_reference = None  # per checkpoint (R, d) features of the CSLS reference targets
+        if hub_csls_reference is not None:
+            ref = self.featurizer.encode(target_columns(hub_csls_reference, None)[0], "hub_csls_reference")
+            self.hub_reference = [self._target_features(ref, i) for i in range(len(self.checkpoints))]
+        if self.hub.kind == "csls":
+            n_ref = len((self.hub_reference or self.target_features)[0])
+            if self.hub.csls_k > n_ref:
+                raise ValueError(
+                    f"hub_csls_k={self.hub.csls_k} is more than the {n_ref} CSLS reference target(s) "
+                    f"({'hub_csls_reference' if self.hub_reference else 'the targets'}): lower hub_csls_k, or pass "
+                    "more reference targets (e.g. other tasks' target examples) as hub_csls_reference.")
         # The tokenizer too: a pool mapped after a chat-template change is tokenized differently, so
         # scores cached under the old template must not be reused.
-        self.fingerprint = fingerprint_of({
+        self._fingerprint_identity = {
             **self.identity,
             "targets": [hashlib.sha256(f.numpy().tobytes()).hexdigest() for f in self.target_features],
             "subtasks": self.subtask_ids.tolist(),
             "tokenizer": tokenizer_identity(tokenizer),
-        })
+        }
+        if self.hub_reference is not None:
+            self._fingerprint_identity["hub_reference"] = [
+                hashlib.sha256(f.numpy().tobytes()).hexdigest() for f in self.hub_reference]
+        if self.hub.needs_statistics and self.has_captured_pool:
+            self._fit_hub([(store, c.step) for (store, _), c in zip(self._captured_pool, self.checkpoints)])
+        self._set_fingerprint()
+
+    def _set_fingerprint(self) -> None:
+        # the hub correction and its pool statistics are part of the scores' identity (no key without one)
+        hub = self.hub.identity()
+        self.fingerprint = fingerprint_of({**self._fingerprint_identity, **({"hub": hub} if hub else {})})
+
+    def _fit_hub(self, stores: Sequence[tuple[FeatureStore, int]], chunk_rows: int = 16384) -> None:
+        """The hub correction's pool statistics: one pass over each checkpoint's ``(store, step)`` features."""
+        streams = []
+        for store, step in stores:
+            a = store.features(step)
+            streams.append(chunks_of(a.read, len(a), chunk_rows, store.skipped_rows()))
+        self.hub.fit(streams)
+        self._set_fingerprint()
+
+    def fit_hub_statistics(self, store: FeatureStore | str | os.PathLike, chunk_rows: int = 16384) -> None:
+        """Take the pool statistics of ``hub_correction="center"``/``"pca"`` from a pool feature store (one
+        pass over each checkpoint's features); ``map`` then applies them. :meth:`score_store` does this itself."""
+        store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+        check_compatible(store.meta, self.identity)
+        if not store.complete:
+            raise ValueError(f"The feature store {str(store.root)!r} is incomplete; finish featurize() first.")
+        self._fit_hub([(store, c.step) for c in self.checkpoints], chunk_rows)
+
+    def _hub_sims(self, pool: list[torch.Tensor], precision: str = "float32") -> torch.Tensor:
+        """``(B, T)`` less_sims of per-checkpoint ``(B, d)`` pool features, with the hub correction."""
+        if self.hub.needs_statistics and self.hub.statistics is None:
+            what = "mean feature and top components" if self.hub.kind == "pca" else "mean feature"
+            raise ValueError(
+                f"hub_correction={self.hub.kind!r} needs the whole pool's {what}, and this selector has no "
+                "captured pool features to take them from. Featurize the pool into a "
+                "store and score it with score_store(store), or call fit_hub_statistics(store) before map.")
+        weights = [c.weight for c in self.checkpoints]
+        pool = self.hub.pool(pool)
+        s = weighted_sims(pool, self.target_features, weights, precision)
+        ref = None if self.hub_reference is None else weighted_sims(pool, self.hub_reference, weights, precision)
+        return self.hub.sims(s, ref)
 
     @property
     def has_captured_pool(self) -> bool:
@@ -272,7 +346,7 @@ class LessSelector(TargetScorer):
             except NonFiniteFeatureError as e:
                 raise e.at([ok[r] for r in e.rows], "this map batch of the pool (rows counted from the "
                            "batch's first)") from None
-            s = weighted_sims(pool, self.target_features, [c.weight for c in self.checkpoints])
+            s = self._hub_sims(pool)
             sims[ok] = s
             scores[ok] = less_score(s, self.subtask_ids if len(self.subtask_names) > 1 else None)
         return {"less_score": scores.tolist(), "less_sims": sims.tolist()}
@@ -396,17 +470,18 @@ class LessSelector(TargetScorer):
         check_compatible(store.meta, self.identity)
         if not store.complete:
             raise ValueError(f"The feature store {str(store.root)!r} is incomplete; finish featurize() first.")
+        if self.hub.needs_statistics:  # the statistics of the pool scored
+            self._fit_hub([(store, c.step) for c in self.checkpoints], chunk_rows)
         arrays = [store.features(c.step) for c in self.checkpoints]
         n = len(arrays[0])
         scores = np.empty(n, dtype=np.float32)
         sims = np.empty((n, self.num_targets), dtype=np.float32)
-        weights = [c.weight for c in self.checkpoints]
         multi = self.subtask_ids if len(self.subtask_names) > 1 else None
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
             # stored dtype in, float32 inside weighted_sims: torch converts on every core, numpy on one
             pool = [torch.from_numpy(a.read(start, stop)) for a in arrays]
-            s = weighted_sims(pool, self.target_features, weights, precision)
+            s = self._hub_sims(pool, precision)
             sims[start:stop] = s.numpy()
             scores[start:stop] = less_score(s, multi).numpy()
         skipped = store.skipped_rows()

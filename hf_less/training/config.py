@@ -13,6 +13,7 @@ from trl import SFTConfig
 
 from ..gradients.featurizer import POOL_DIRECTIONS
 from ..gradients.projection import DEFAULT_KIND, KIND_HELP
+from ..scoring.hubness import HUB_CORRECTIONS, HubCorrection
 from ..selection import strategies as selectors
 
 
@@ -63,6 +64,17 @@ class LessSFTConfig(SFTConfig):
     less_pool_direction: str = field(default="adam", metadata={
         "help": "Pool examples' features: 'adam' (LESS's Adam direction, the reference's) or 'sgd' (the plain "
                 "gradient, as for targets)."})
+    less_hub_correction: str | None = field(default=None, metadata={
+        "help": f"A correction of hubness in LESS's similarities (a few pool rows near every target): none (default, "
+                f"LESS as published) or one of {', '.join(HUB_CORRECTIONS)}: 'center' subtracts each checkpoint's mean "
+                "pool feature, 'pca' also removes the top less_hub_pca_components principal components, 'csls' "
+                "subtracts each pool row's mean similarity to its less_hub_csls_k nearest targets. Not measured to "
+                "help yet: see docs/selection_quality.md."})
+    less_hub_pca_components: int = field(default=1, metadata={
+        "help": "less_hub_correction='pca': how many top principal components of the pool features to remove."})
+    less_hub_csls_k: int = field(default=10, metadata={
+        "help": "less_hub_correction='csls': the nearest targets a pool row's penalty is the mean similarity to "
+                "(at most the number of target examples)."})
     less_autocast: bool = field(default=False, metadata={
         "help": "Featurize under bfloat16 autocast (faster on a GPU). Off by default: features are computed at the "
                 "precision of the model's weights, even when training uses bf16."})
@@ -89,6 +101,10 @@ class LessSFTConfig(SFTConfig):
             raise ValueError(f"less_warmup_epochs={self.less_warmup_epochs} must be >= 1.")
         if self.less_pool_direction not in POOL_DIRECTIONS:
             raise ValueError(f"less_pool_direction={self.less_pool_direction!r} must be one of {POOL_DIRECTIONS}.")
+        try:  # the rule of LessSelector's own check
+            HubCorrection(self.less_hub_correction, self.less_hub_pca_components, csls_k=self.less_hub_csls_k)
+        except ValueError as e:
+            raise ValueError(f"less_{e}") from None
         if self.less_on_empty_completion not in ("error", "skip"):
             raise ValueError(f"less_on_empty_completion={self.less_on_empty_completion!r} must be 'error' or 'skip'.")
         if self.less_proj_dim < 0:

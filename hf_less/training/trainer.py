@@ -247,7 +247,9 @@ class LessSFTTrainer(SFTTrainer):
             proj_kind=a.less_proj_kind, proj_seed=a.less_proj_seed, max_length=self._max_length(),
             batch_size=a.less_featurize_batch_size, autocast=a.less_autocast,
             pool_direction=a.less_pool_direction, subtask_column=a.less_subtask_column,
-            show_progress=not a.disable_tqdm, on_empty_completion=a.less_on_empty_completion)
+            show_progress=not a.disable_tqdm, on_empty_completion=a.less_on_empty_completion,
+            hub_correction=a.less_hub_correction, hub_pca_components=a.less_hub_pca_components,
+            hub_csls_k=a.less_hub_csls_k)
         store = None
         if not selector.has_captured_pool:  # every process featurizes its share; the main one writes the store
             store = selector.featurize(self.pool, RunLayout(a.output_dir).store,

@@ -136,3 +136,139 @@ def test_ablation_diagnostics_share_of_the_base_top_k(sq):
     assert got["shared"] == pytest.approx((1 / 2 + 2 / 2) / 2)
     assert got["overlap"] == pytest.approx(0.0)   # a and b select disjoint rows
     assert sq.ablation_diagnostics(features, None, ["a", "b"], 2 / 6, 6) == {"overlap": 0.0}
+
+
+# -- hubness (issue 25) ------------------------------------------------------------------------------
+
+
+def test_the_hubs_target_set_is_new_and_keeps_date_understanding_in_the_pool(sq):
+    hubs, base = sq.TARGET_SETS["hubs"], sq.TARGET_SETS["base"]
+    assert len(hubs["targets"]) >= 4 and set(hubs["quick"]) <= set(hubs["targets"])
+    assert not set(hubs["targets"]) & (set(base["targets"]) | set(base["quick"]))
+    assert "date_understanding" in hubs["pool_include"] and "date_understanding" not in hubs["targets"]
+    assert base["pool_include"] == ()  # the first set's pool is unchanged
+
+
+def test_pool_include_puts_a_task_first_in_the_pool_and_refuses_a_held_out_one(sq, tmp_path, monkeypatch):
+    from hf_less.cli import bigbench
+    from tests.testing_utils import make_fake_archive
+
+    monkeypatch.setenv("HF_LESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(bigbench.ARCHIVE_ENV, str(make_fake_archive(tmp_path / "bb.tar.gz")))
+
+    def tokenizer(texts, add_special_tokens=True):  # one token per word is enough to test the splits
+        return {"input_ids": [t.split() for t in texts]}
+
+    args = argparse.Namespace(targets=["alpha"], exclude_tasks=[], num_targets=2, num_eval=2, max_chars=300,
+                              max_length=100, examples_per_task=3, min_task_examples=2, pool_tasks=1)
+    for include in (["delta"], ["beta"]):
+        pool, per_target, used = sq.transfer_splits(tokenizer, argparse.Namespace(**vars(args), pool_include=include))
+        assert used == include and set(pool["task"]) == set(include) and list(per_target) == ["alpha"]
+    with pytest.raises(SystemExit, match=r"--pool_include \['alpha'\] are also targets"):
+        sq.transfer_splits(tokenizer, argparse.Namespace(**vars(args), pool_include=["alpha"]))
+    few = argparse.Namespace(**{**vars(args), "min_task_examples": 25}, pool_include=["gamma"])
+    with pytest.raises(SystemExit, match="--pool_include task 'gamma' has 24 examples that fit; --min_task_examples is 25"):
+        sq.transfer_splits(tokenizer, few)
+
+
+def test_pairwise_overlap_and_the_top_source_tasks_of_a_selection(sq):
+    selections = {"a": [0, 1, 2, 3], "b": [0, 1, 4, 5], "c": [6, 7, 8, 9]}
+    assert sq.pairwise_overlap(selections) == pytest.approx((2 / 4 + 0 + 0) / 3)
+    assert sq.pairwise_overlap({"a": [0]}) is None
+    groups = ["hub", "hub", "x", "y", "hub", "z", "p", "q", "r", "s"]
+    row = sq.hub_selection_row("LESS-topk", selections, groups)
+    # pooled: hub 0,1,0,1,4 = 5 rows; then x, y, z, p: one each; 12 rows in all
+    assert row["top_groups"][0] == ("hub", 5) and len(row["top_groups"]) == sq.TOP_GROUPS
+    assert row["top_share"] == pytest.approx((5 + 4) / 12)
+
+
+def test_hub_skew_row_finds_a_row_near_every_target(sq):
+    sims = np.random.default_rng(0).uniform(0, 1, (20, 6))  # 20 pool rows, 6 target examples
+    flat = sq.hub_skew_row("rds", sims, 2)
+    sims[11] = 5.0  # in every target's top 2
+    hub = sq.hub_skew_row("less", sims, 2)
+    assert hub["max"] == 6 and hub["queries"] == 6 and hub["representation"] == "less"
+    assert hub["skew"] > flat["skew"]
+    assert 0 < hub["never"] < 1
+
+
+def test_hub_diagnostics_and_tables_from_hand_made_features(sq):
+    # 8 pool rows from tasks t0..t3; 2 target tasks (a, b) with 2 target examples each. LESS: row 0 is a hub (top of
+    # every target); rds: each target task picks its own rows. The remedy moves the hub away.
+    groups = ["t0", "t0", "t1", "t1", "t2", "t2", "t3", "t3"]
+    less = np.array([[0.9] * 4, [0.1] * 4, [0.5, 0.5, 0, 0], [0.4, 0.4, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.4, 0.4],
+                     [0] * 4, [0] * 4], dtype=np.float32)
+    rds = less.copy()
+    rds[0] = 0
+    features = {"less_sims": less, "rds_sims": rds, "embedding_sims": rds, "random_sims": rds,
+                "ifd": np.zeros(8), "target_task": np.array(["a", "a", "b", "b"])}
+    selection, skew = sq.hub_diagnostics(features, {"center": rds}, ["a", "b"], 2 / 8, 8, groups, 2)
+    by = {r["method"]: r for r in selection}
+    assert set(by) == set(sq.HUB_METHODS) | {"LESS[center]-topk"}
+    assert by["LESS-topk"]["overlap"] == pytest.approx(1 / 2)  # a {0, 2}, b {0, 4}
+    assert by["rds-topk"]["overlap"] == pytest.approx(0.0)  # a {2, 3}, b {4, 5}
+    assert by["LESS[center]-topk"]["overlap"] == pytest.approx(0.0)
+    assert by["LESS-topk"]["top_groups"][0] == ("t0", 2)
+    assert [r["representation"] for r in skew] == [*sq.REPRESENTATIONS, "less[center]"]
+    text = sq.hub_table(selection, skew, 2 / 8, 8, 2)
+    assert "| LESS-topk | 50.0% | 100.0% | t0 2, t1 1, t2 1 |" in text
+    assert "| less | " in text and "| less[center] | " in text
+
+
+def test_hub_loss_table_counts_lower_and_raised_beyond_the_spread(sq):
+    def cells_of(prefix, losses):  # losses per seed
+        return {f"{prefix}|{s}": {"target_loss": v} for s, v in enumerate(losses)}
+
+    cells = {}
+    for target, base, remedy in (("a", [1.0, 1.1], [0.5, 0.6]),   # lower beyond the spread
+                                 ("b", [1.0, 1.1], [1.0, 1.05]),  # lower, within the spread
+                                 ("c", [1.0, 1.0], [2.0, 2.0])):  # raised beyond the spread
+        cells |= cells_of(f"transfer|{target}|0.05|LESS-topk", base)
+        cells |= cells_of(f"hub|center|{target}|0.05|LESS-topk", remedy)
+        cells |= cells_of(f"transfer|{target}|0.05|random", [2.0, 2.0, 2.0])
+    text = sq.hub_loss_table(cells, ["a", "b", "c"], 0.05, ["center", "pca1"], [0, 1])
+    mean = (0.55 + 1.025 + 2.0) / 3
+    ratio = (0.55 / 2 + 1.025 / 2 + 2.0 / 2) / 3
+    assert f"| center | 3 | {mean:.3f} | {(1.05 + 1.05 + 1.0) / 3:.3f} | {ratio:.3f} | 2/3 | 1/3 | 1/3 |" in text
+    assert "| pca1 | 0 | - |" in text
+
+
+def test_remedy_names_carry_their_parameter(sq):
+    args = argparse.Namespace(hub_pca_components=3, hub_csls_k=5)
+    assert [sq.remedy_name(r, args) for r in sq.HUB_REMEDIES] == ["center", "pca3", "csls5", "sgd"]
+    with pytest.raises(SystemExit, match="expected some of center, pca, csls, sgd"):
+        sq.remedy_name("whiten", args)
+
+
+def test_hub_sims_reads_the_captured_features_and_caches_them(sq, tokenizer, tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    from hf_less import LessCallback, LessSelector
+    from hf_less.gradients.projection import DEFAULT_KIND
+    from tests.testing_utils import make_model, run_warmup, toy_tasks
+
+    pool = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in toy_tasks(4, seed=2)])
+    targets = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in toy_tasks(2, seed=3)])
+    run_warmup(tmp_path / "warmup", tokenizer, LessCallback(pool=pool, targets=targets, proj_dim=64, max_length=64,
+                                                            show_progress=False))
+    args = argparse.Namespace(proj_dim=64, proj_kind=DEFAULT_KIND, pool_direction="adam", max_length=64, batch_size=4,
+                              hub_pca_components=1, hub_csls_k=2)
+    base = make_model(len(tokenizer))
+    plain = LessSelector(make_model(len(tokenizer)), tmp_path / "warmup", targets, tokenizer=tokenizer, proj_dim=64,
+                         max_length=64, show_progress=False).score(pool)[1]
+    assert sq.hub_sims(base, tokenizer, pool, targets, tmp_path, args, "center", compute=False) is None
+    from hf_less.gradients.featurizer import Featurizer
+
+    calls = []
+    featurize = Featurizer.__call__
+    monkeypatch.setattr(Featurizer, "__call__", lambda self, encoded, moments, *a, **k: calls.append(
+        moments is not None) or featurize(self, encoded, moments, *a, **k))
+    for remedy in ("center", "csls"):
+        sims = sq.hub_sims(base, tokenizer, pool, targets, tmp_path, args, remedy)
+        assert sims.shape == plain.shape and np.abs(sims - plain).max() > 1e-3
+        again = sq.hub_sims(base, tokenizer, pool, targets, tmp_path, args, remedy, compute=False)
+        np.testing.assert_array_equal(again, sims)  # from OUT/hub/NAME/less_sims.npz
+    np.testing.assert_allclose(sq.hub_sims(base, tokenizer, pool, targets, tmp_path, args, "csls"),
+                               plain - np.sort(plain, 1)[:, -2:].mean(1, keepdims=True), atol=1e-5)
+    assert (tmp_path / "hub" / "csls2" / "less_sims.npz").exists()
+    assert not any(calls)  # no pool example featurized again: the captured features are read
