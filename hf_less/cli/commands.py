@@ -31,6 +31,7 @@ from .pipeline import (
     make_selector,
     prepare_data,
     run_layout,
+    text_only,
 )
 from .progress import _say
 
@@ -73,7 +74,7 @@ def cmd_select(run, data, model_args, feat, sel):
         feat = FeaturizeArguments(proj_dim=stored["proj_dim"], proj_kind=stored.get("proj_kind", "rademacher"),
                                   pool_direction=stored.get("pool_direction", "adam"), checkpoints=stored["checkpoints"])
     selector = make_selector(model, tokenizer, rd, layout, model_args, feat, run)
-    scores, sims = selector.score_store(layout.store)
+    scores, sims = selector.score_store(layout.store, text_only(rd.pool))
     do_select(selector, np.asarray(scores), np.asarray(sims), rd, layout, sel, run)
 
 

@@ -272,7 +272,7 @@ def do_featurize(selector, rd: RunData, layout: RunLayout):
         steps = [c.step for c in selector.checkpoints]
         save_file({f"step_{s}": t.contiguous() for s, t in zip(steps, targets)},
                   str(layout.features / "targets.safetensors"))
-    scores, sims = selector.score_store(layout.store)
+    scores, sims = selector.score_store(layout.store, text_only(rd.pool))
     np.save(layout.features / "less_scores.npy", scores)
     np.save(layout.features / "less_sims.npy", sims)
     return scores, sims

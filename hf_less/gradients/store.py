@@ -296,6 +296,9 @@ class FeatureStore:
                         where=f"finishing {str(self.root)!r}", store=self)
         self.manifest = manifest
 
+    def release(self) -> None:
+        """Let go of the store without changing it (a writer that stops before :meth:`finish`)."""
+
     def skipped_rows(self) -> np.ndarray:
         """Store rows without features (skipped examples), ascending."""
         out, start = [], 0
@@ -371,6 +374,12 @@ class StoreWriter:
             self.store.write_shard(per_step, content_keys(encoded), skipped=skipped)
         self.written += len(encoded) if rows_read is None else rows_read
         self.bar.update(self.written - self.bar.n)
+
+    def abandon(self) -> None:
+        """Close the bar and let go of the store without marking it complete (main process)."""
+        self.bar.close()
+        if self.main and self.store is not None:
+            self.store.release()
 
     def close(self) -> None:
         """Close the bar and mark the store complete (main process)."""

@@ -321,6 +321,15 @@ class LessSelector(TargetScorer):
         writer = StoreWriter(lambda: FeatureStore.create(store_dir, meta), "pool features", self.show_progress,
                              unknown_total=expected_rows(dataset))
         done, rows = writer.done, writer.rows
+        if done and distributed.on_main(lambda: writer.store.complete):
+            # Featurized already: reused if it holds this pool's rows (in any order; score_store matches
+            # them by content key), refused otherwise.
+            try:
+                distributed.on_main(lambda: self._check_complete_store(writer.store, dataset))
+            finally:
+                writer.abandon()
+            distributed.barrier()
+            return writer.store
         if done:
             self._check_resumed_rows(reader, writer.store, done, shard_rows)
         start = done
@@ -359,6 +368,15 @@ class LessSelector(TargetScorer):
         distributed.barrier()
         return writer.store
 
+    def _check_complete_store(self, store: FeatureStore, dataset) -> None:
+        """Refuse a complete store that lacks features for some row of ``dataset``, naming the fix."""
+        try:
+            self.store_rows(store, dataset)
+        except IncompatibleFeaturesError as e:
+            raise IncompatibleFeaturesError(
+                f"{e} The store is complete: delete {str(store.root)!r} (or choose another store_dir) and featurize "
+                "again.") from None
+
     def _check_resumed_rows(self, reader: RowReader, store: FeatureStore | None, done: int, chunk: int) -> None:
         """Read past the pool's first ``done`` rows, ``chunk`` at a time, refusing to resume a store
         whose rows are other examples. Collective: the main process (which has ``store``) checks."""
@@ -384,9 +402,55 @@ class LessSelector(TargetScorer):
 
             distributed.on_main(check)
 
-    def score_store(self, store: FeatureStore | str | os.PathLike, chunk_rows: int = 16384,
+    def store_rows(self, store: FeatureStore, pool: Any, chunk_rows: int = 4096) -> np.ndarray | None:
+        """The store row that holds each row of ``pool`` (matched by content key), or ``None`` when
+        the store's rows are the pool's rows in the same order.
+
+        Raises :class:`IncompatibleFeaturesError` naming the first row of ``pool`` that has no
+        features in ``store`` (the pool was edited, or the store is another pool's). Tokenizes the
+        pool, ``chunk_rows`` rows at a time (a small cost next to featurizing it).
+        """
+        if not store.keyed:
+            rows = known_rows(pool)
+            if rows is not None and rows != store.num_rows:
+                raise IncompatibleFeaturesError(
+                    f"The feature store {str(store.root)!r} holds {store.num_rows} rows and this pool has {rows}: "
+                    "they describe different pools. Featurize this pool into a new store.")
+            warnings.warn(f"The feature store {str(store.root)!r} has no content keys (written by an older hf-less): "
+                          "its rows cannot be checked against the pool and are taken in order. Featurize the pool "
+                          "again to have them checked.", stacklevel=3)
+            return None
+        stored = store.keys()
+        reader, start, parts = RowReader(pool, chunk_rows), 0, []
+        while batch := reader.take(chunk_rows):
+            parts.append(content_keys(self.featurizer.encode(batch, f"pool rows {start}..")))
+            start += num_rows(batch)
+        mine = np.concatenate(parts) if parts else np.zeros((0, 16), dtype=np.uint8)
+        if mine.shape == stored.shape and np.array_equal(mine, stored):
+            return None
+        index = store.key_index()
+        rows = np.array([index.get(k.tobytes(), -1) for k in mine], dtype=np.int64)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            raise IncompatibleFeaturesError(
+                f"The feature store {str(store.root)!r} holds features of another pool: {len(missing)} of the "
+                f"{len(mine)} rows of this pool (the first: row {int(missing[0])}) have no features in it (the pool "
+                "was edited or replaced after it was featurized). Scores are never attached by position: featurize "
+                "this pool (LessSelector.featurize into a new store_dir, or `hf-less featurize` after deleting "
+                "the store), or score the pool the store was made from.")
+        if len(mine) == len(stored):
+            logger.info("The pool's rows are the feature store's in another order: scores follow the pool's order.")
+        return rows
+
+    def score_store(self, store: FeatureStore | str | os.PathLike, pool: Any = None, chunk_rows: int = 16384,
                     precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
         """``(less_score (N,), less_sims (N, T))`` of a pool feature store against these targets.
+
+        With ``pool`` (the dataset the scores are for; any format ``featurize`` takes) the rows are
+        matched by content key: row ``i`` of the result is row ``i`` of ``pool``, whatever order the
+        store was written in, and a pool row without features in the store raises
+        :class:`IncompatibleFeaturesError` (see :meth:`store_rows`). Without ``pool``, rows are in
+        the store's order (those of ``store.keys()``).
 
         ``precision="bfloat16"`` multiplies in bfloat16 (about 3x faster on a CPU with bf16 units;
         each cosine within 2^-8 of its value plus 1e-4): see :func:`hf_less.scoring.similarity.weighted_sims`.
@@ -395,6 +459,12 @@ class LessSelector(TargetScorer):
         check_compatible(store.meta, self.identity)
         if not store.complete:
             raise ValueError(f"The feature store {str(store.root)!r} is incomplete; finish featurize() first.")
+        rows = None if pool is None else self.store_rows(store, pool)
+        scores, sims = self._score_store_rows(store, chunk_rows, precision)
+        return (scores, sims) if rows is None else (scores[rows], sims[rows])
+
+    def _score_store_rows(self, store: FeatureStore, chunk_rows: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of every store row, in store order."""
         arrays = [store.features(c.step) for c in self.checkpoints]
         n = len(arrays[0])
         scores = np.empty(n, dtype=np.float32)

@@ -256,7 +256,7 @@ class LessSFTTrainer(SFTTrainer):
 
     def _order(self, selector: LessSelector, store, warmup_dir, settings) -> tuple[Selection, np.ndarray]:
         a: LessSFTConfig = self.args
-        scores, sims = selector.score_store(store) if store is not None else selector.score(self.pool)
+        scores, sims = selector.score_store(store, self.pool) if store is not None else selector.score(self.pool)
         k = selectors.resolve_budget(a.less_budget_value, len(self.pool))
         extra = {} if a.less_strategy in ("topk", "random") else {"sims": sims, "subtask_ids": selector.subtask_ids}
         order = selectors.order(a.less_strategy, scores, a.less_seed, **extra)[:k]
