@@ -118,6 +118,18 @@ def model_identity(model: torch.nn.Module) -> dict:
     }
 
 
+def base_model_record(model: torch.nn.Module) -> dict:
+    """What a warmup records of its base model (``less_state.json``'s ``"base_model"``).
+
+    :func:`model_identity` plus the digest of the weights rounded to bfloat16 (``"weights_bf16"``)
+    and their dtype, so a selector loading the same weights at another precision is recognised.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    frozen = [p for p in base.parameters() if not p.requires_grad]
+    return {**model_identity(model), "weights_bf16": weights_digest(base, frozen_only=True, rounded=True),
+            "dtype": str(frozen[0].dtype).replace("torch.", "") if frozen else None}
+
+
 def rows_of(data: Any) -> dict[str, list]:
     """A ``datasets.Dataset``, a list of rows or a dict of columns -> a dict of columns."""
     if hasattr(data, "column_names") and hasattr(data, "to_dict"):

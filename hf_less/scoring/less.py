@@ -16,9 +16,16 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..data import detect_format, empty_rows
-from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, content_keys
+from ..gradients.featurizer import (
+    Featurizer,
+    NonFiniteFeatureError,
+    adapter_name_of,
+    base_model_record,
+    content_key,
+    content_keys,
+)
 from ..gradients.projection import DEFAULT_KIND
-from ..gradients.state import LessCheckpoint, find_checkpoints
+from ..gradients.state import LessCheckpoint, check_base_model, find_checkpoints
 from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, StoreWriter, check_compatible
 from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
 from ..utils import distributed
@@ -108,6 +115,9 @@ class LessSelector(TargetScorer):
             batch_size=batch_size, projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
             on_empty_completion=on_empty_completion, autocast=autocast, pool_direction=pool_direction)
         self.grads = self.featurizer.grads
+        check_base_model(self.checkpoints, self.featurizer.identity["model"],
+                         lambda: base_model_record(self.model)["weights_bf16"],
+                         fix="the CLI: the --model of `hf-less warmup`; the API: the model the warmup's Trainer trained")
         self._adapter_states: dict[int, dict[str, torch.Tensor]] = {}
         self._loaded: int | None = None
         self._moments = [c.moments() for c in self.checkpoints]

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from ..data import n_scored
 from ..gradients import sharded
-from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of
+from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of, base_model_record
 from ..gradients.per_example import AdamMoments, parameter_key, trainable_parameters
 from ..gradients.projection import DEFAULT_KIND
 from ..gradients.state import LessCheckpoint, captured_dir, save_less_state
@@ -124,6 +124,7 @@ class LessCallback(TrainerCallback):
         self._last_save_step = 0
         self._keys: dict[int, str] = {}
         self._fsdp = False  # set at train begin: moments are then gathered from the shards at every save
+        self._base_model: dict | None = None  # the frozen base model's identity, recorded in every LESS state
 
     @property
     def captures(self) -> bool:
@@ -137,6 +138,8 @@ class LessCallback(TrainerCallback):
             raise ValueError("LessCallback found no optimizer at train begin; it needs the Trainer's Adam.")
         check_adam(optimizer)
         self._fsdp = sharded.fsdp_enabled(args, model)
+        # The frozen base weights do not change during the warmup: identified once (a sharded model cannot be).
+        self._base_model = None if self._fsdp or model is None else base_model_record(model)
         if self._fsdp and self.captures:
             raise ValueError(sharded.FSDP_CAPTURE_REFUSAL)
         adapter = adapter_name_of(model)
@@ -228,7 +231,7 @@ class LessCallback(TrainerCallback):
             elif self.output_dir is not None and model is not None and hasattr(model, "save_pretrained"):
                 model.save_pretrained(ckpt)
             save_less_state(ckpt, moments, keys, mean_lr=sum(interval) / len(interval), global_step=step,
-                            lr_steps=len(interval), optimizer=type(opt).__name__)
+                            lr_steps=len(interval), optimizer=type(opt).__name__, base_model=self._base_model)
             logger.info("LESS state for step %d written to %s", step, ckpt)
         self._lrs = [(s, lr) for s, lr in self._lrs if s > step]
         self._last_save_step = step

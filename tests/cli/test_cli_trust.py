@@ -75,3 +75,16 @@ def test_a_reversed_pool_selects_the_same_examples(tiny, run, tmp_path, capsys):
     assert "hf-less featurize" in err and not layout.selection("c").exists()
     # put the run's data back for the other tests of the module
     assert cli.main(["select", *common(tiny, run), "--budget", "4", "--name", "a", "--rebuild_data"]) == 0
+
+
+def test_featurize_with_another_model_than_the_warmup_is_refused(tiny, tmp_path, capsys):
+    """`hf-less warmup --model X` then `featurize` with the default model mixed two models silently."""
+    run_dir = tmp_path / "run"
+    assert cli.main(["warmup", *common(tiny, run_dir, "other"), "--warmup_fraction", "0.25",
+                     "--warmup_epochs", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["featurize", *common(tiny, run_dir), "--proj_dim", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "was trained on the base model" in err and "has other weights" in err and "--model of `hf-less warmup`" in err
+    assert not RunLayout(run_dir).store.exists()
+    assert cli.main(["featurize", *common(tiny, run_dir, "other"), "--proj_dim", "32"]) == 0
