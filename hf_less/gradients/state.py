@@ -35,6 +35,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256  # noqa: F401 (re-exported)
 from .per_example import AdamMoments
+from .store import IncompatibleFeaturesError
 
 STATE_FILE = "less_state.json"
 MOMENTS_FILE = "less_moments.safetensors"
@@ -125,7 +126,7 @@ def run_differences(a: dict, b: dict) -> list[str]:
             for k in sorted(set(fa) | set(fb)) if fa.get(k, "(absent)") != fb.get(k, "(absent)")]
 
 
-class ForeignBaseModelError(ValueError):
+class ForeignBaseModelError(IncompatibleFeaturesError):
     """The model given to score with is not the base model the warmup was trained on."""
 
 

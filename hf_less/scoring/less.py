@@ -330,51 +330,52 @@ class LessSelector(TargetScorer):
                 "rows": known_rows(dataset), "fingerprint": getattr(dataset, "_fingerprint", None)}
         writer = StoreWriter(lambda: FeatureStore.create(store_dir, meta), "pool features", self.show_progress,
                              unknown_total=expected_rows(dataset))
-        done, rows = writer.done, writer.rows
-        if done and distributed.on_main(lambda: writer.store.complete):
-            # Featurized already: reused if it holds this pool's rows (in any order; score_store matches
-            # them by content key), refused otherwise.
-            try:
-                distributed.on_main(lambda: self._check_complete_store(writer.store, dataset))
-            finally:
-                writer.abandon()
-            distributed.barrier()
-            return writer.store
-        if done:
-            self._check_resumed_rows(reader, writer.store, done, shard_rows)
-        start = done
-        while batch := reader.take(shard_rows):
-            n = num_rows(batch)
-            if rows is not None and start + n > rows:  # a store begun for a shorter pool
+        with writer:  # an error lets go of the store (its lock), keeping what is written
+            done, rows = writer.done, writer.rows
+            if done and distributed.on_main(lambda: writer.store.complete):
+                # Featurized already: reused if it holds this pool's rows (in any order; score_store matches
+                # them by content key), refused otherwise.
+                try:
+                    distributed.on_main(lambda: self._check_complete_store(writer.store, dataset))
+                finally:
+                    writer.abandon()
+                distributed.barrier()
+                return writer.store
+            if done:
+                self._check_resumed_rows(reader, writer.store, done, shard_rows)
+            start = done
+            while batch := reader.take(shard_rows):
+                n = num_rows(batch)
+                if rows is not None and start + n > rows:  # a store begun for a shorter pool
+                    raise IncompatibleFeaturesError(
+                        f"Cannot resume {str(store_dir)!r}: it holds features of a pool of {rows} rows and this pool "
+                        f"has more (the pool changed since the interrupted run). Use another store_dir, or delete "
+                        "this one to recompute.")
+                where = f"pool rows {start}.."
+                encoded = self.featurizer.encode(batch, where)
+                del batch  # only the encoded shard is needed from here
+                ok = self._scorable(encoded, where)
+                try:
+                    per_step = {c.step: self._pool_features([encoded[j] for j in ok], i, split=True).numpy()
+                                for i, c in enumerate(self.checkpoints)}
+                except NonFiniteFeatureError as e:
+                    raise e.at([start + ok[r] for r in e.rows], "the pool (dataset row indices)") from None
+                if len(ok) < len(encoded):  # skipped rows keep their place, with zero features
+                    for step, feats in per_step.items():
+                        full = np.zeros((len(encoded), feats.shape[1]), dtype=feats.dtype)
+                        full[ok] = feats
+                        per_step[step] = full
+                writer.write(per_step, encoded, skipped=sorted(set(range(len(encoded))) - set(ok)), rows_read=n)
+                start += n
+            if rows is not None and start < rows:
                 raise IncompatibleFeaturesError(
-                    f"Cannot resume {str(store_dir)!r}: it holds features of a pool of {rows} rows and this pool "
-                    f"has more (the pool changed since the interrupted run). Use another store_dir, or delete "
-                    "this one to recompute.")
-            where = f"pool rows {start}.."
-            encoded = self.featurizer.encode(batch, where)
-            del batch  # only the encoded shard is needed from here
-            ok = self._scorable(encoded, where)
-            try:
-                per_step = {c.step: self._pool_features([encoded[j] for j in ok], i, split=True).numpy()
-                            for i, c in enumerate(self.checkpoints)}
-            except NonFiniteFeatureError as e:
-                raise e.at([start + ok[r] for r in e.rows], "the pool (dataset row indices)") from None
-            if len(ok) < len(encoded):  # skipped rows keep their place, with zero features
-                for step, feats in per_step.items():
-                    full = np.zeros((len(encoded), feats.shape[1]), dtype=feats.dtype)
-                    full[ok] = feats
-                    per_step[step] = full
-            writer.write(per_step, encoded, skipped=sorted(set(range(len(encoded))) - set(ok)), rows_read=n)
-            start += n
-        if rows is not None and start < rows:
-            raise IncompatibleFeaturesError(
-                f"Cannot finish {str(store_dir)!r}: it was begun for a pool of {rows} rows and this pool has "
-                f"{start} (the pool changed since the interrupted run). Use another store_dir, or delete this one "
-                "to recompute.")
-        if done:
-            logger.info("Resumed %s: %d rows kept from the interrupted run, %d computed.", store_dir, done,
-                        start - done)
-        writer.close()
+                    f"Cannot finish {str(store_dir)!r}: it was begun for a pool of {rows} rows and this pool has "
+                    f"{start} (the pool changed since the interrupted run). Use another store_dir, or delete this one "
+                    "to recompute.")
+            if done:
+                logger.info("Resumed %s: %d rows kept from the interrupted run, %d computed.", store_dir, done,
+                            start - done)
+            writer.close()
         distributed.barrier()
         return writer.store
 

@@ -300,12 +300,13 @@ class LessCallback(TrainerCallback):
                         "keyed": True, "rows": rows}
                 writer = StoreWriter(lambda: _fresh_store(captured_dir(ckpt, which), meta),
                                      f"LESS capture {which} (step {step})", self.capture_settings["show_progress"])
-                for chunk in self._shards(which, writer.done):
-                    # The featurizer advances a bar with a total only (it clips at the total).
-                    feats = self._featurizer(chunk, moments if which == "pool" else None, split=True,
-                                             progress=writer.bar if rows is not None else None)
-                    writer.write({step: feats.numpy()}, chunk)
-                writer.close()
+                with writer:  # an error lets go of the store (its lock), keeping what is written
+                    for chunk in self._shards(which, writer.done):
+                        # The featurizer advances a bar with a total only (it clips at the total).
+                        feats = self._featurizer(chunk, moments if which == "pool" else None, split=True,
+                                                 progress=writer.bar if rows is not None else None)
+                        writer.write({step: feats.numpy()}, chunk)
+                    writer.close()
                 captured += writer.written
         seconds = time.perf_counter() - start
         self.capture_seconds += seconds
