@@ -30,7 +30,7 @@ from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError
 from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
 from ..utils import distributed
 from ..utils.identity import tokenizer_identity
-from .base import TargetScorer, fingerprint_of, load_causal_lm, register_datasets_hash, target_columns
+from .base import TargetScorer, check_batched, fingerprint_of, load_causal_lm, register_datasets_hash, target_columns
 from .similarity import less_score, subtask_index, weighted_sims
 
 logger = logging.getLogger(__name__)
@@ -269,6 +269,7 @@ class LessSelector(TargetScorer):
     def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
         """Score a batch of pool examples: returns ``less_score`` and ``less_sims``."""
         columns = {k: v for k, v in batch.items() if k not in ("less_score", "less_sims")}
+        check_batched(columns, "LessSelector")
         if not columns or not next(iter(columns.values())):
             return {"less_score": [], "less_sims": []}
         encoded = self.featurizer.encode(columns, "pool batch")
