@@ -15,7 +15,7 @@ from ..data import load_dataset_path
 from ..gradients.projection import DEFAULT_KIND
 from ..selection.strategies import parse_budget
 from ..training.layout import RunLayout
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_save_npy, atomic_save_safetensors, atomic_write_json
 from .arguments import (
     TEXT_COLUMNS,
     DataArguments,
@@ -149,13 +149,16 @@ def prepare_data(run: RunArguments, data: DataArguments, model_args: ModelArgume
     if eval_set is not None:
         eval_set = _fits(eval_set, tokenizer, model_args.max_length, "eval")
     layout.data.mkdir(parents=True, exist_ok=True)
+    # data.json is written last and marks the data complete: gone while the datasets are rewritten, so a
+    # run killed meanwhile is rebuilt by the next command instead of read half-written.
+    meta_path.unlink(missing_ok=True)
     pool.save_to_disk(str(layout.data / "pool"))
     targets.save_to_disk(str(layout.data / "targets"))
     if eval_set is not None:
         eval_set.save_to_disk(str(layout.data / "eval"))
     meta = {"source": source, "target_task": target, "task_column": task_column, "max_length": model_args.max_length,
             "pool": len(pool), "targets": len(targets), "eval": None if eval_set is None else len(eval_set)}
-    meta_path.write_text(json.dumps(meta, indent=2))
+    atomic_write_json(meta_path, meta)  # last: data.json marks the data complete
     tasks = pool[task_column] if task_column in pool.column_names else None
     share = f", {sum(t == target for t in tasks)} from {target!r}" if tasks and target else ""
     _say(f"data: pool {len(pool)} examples{share}; targets {len(targets)}; "
@@ -212,7 +215,7 @@ def _write_run_info(layout: RunLayout, **updates) -> dict:
         else:
             info[key] = value
     layout.root.mkdir(parents=True, exist_ok=True)
-    layout.run_info.write_text(json.dumps(info, indent=2, default=str))
+    atomic_write_json(layout.run_info, info, default=str)
     return info
 
 
@@ -260,21 +263,19 @@ def do_featurize(selector, rd: RunData, layout: RunLayout):
 
     selector.featurize(text_only(rd.pool), layout.store, shard_rows=_shard_rows(selector))
     identity = getattr(selector, "identity", {})
-    (layout.features / "featurize.json").write_text(json.dumps({
+    atomic_write_json(layout.features / "featurize.json", {
         "proj_dim": identity.get("dim") if identity.get("projection") else 0,
         "proj_kind": (identity.get("projection") or {}).get("kind", DEFAULT_KIND),
         "pool_direction": identity.get("pool_direction", "adam"),
-        "checkpoints": [c.step for c in selector.checkpoints]}, indent=2))
+        "checkpoints": [c.step for c in selector.checkpoints]})
     targets = getattr(selector, "target_features", None)
     if targets is not None:
-        from safetensors.torch import save_file
-
         steps = [c.step for c in selector.checkpoints]
-        save_file({f"step_{s}": t.contiguous() for s, t in zip(steps, targets)},
-                  str(layout.features / "targets.safetensors"))
+        atomic_save_safetensors(layout.features / "targets.safetensors",
+                                {f"step_{s}": t.contiguous() for s, t in zip(steps, targets)})
     scores, sims = selector.score_store(layout.store, text_only(rd.pool))
-    np.save(layout.features / "less_scores.npy", scores)
-    np.save(layout.features / "less_sims.npy", sims)
+    atomic_save_npy(layout.features / "less_scores.npy", np.asarray(scores, dtype=np.float32))
+    atomic_save_npy(layout.features / "less_sims.npy", np.asarray(sims, dtype=np.float32))
     return scores, sims
 
 

@@ -51,7 +51,7 @@ except ImportError:  # Windows: no advisory locks; one writer per store is then 
     fcntl = None
 
 from ..utils import distributed
-from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256
+from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256, npy_bytes
 from .featurizer import content_keys
 
 logger = logging.getLogger(__name__)
@@ -361,9 +361,7 @@ class FeatureStore:
         return bool(self.meta.get("keyed"))
 
     def _save(self, name: str, arr: np.ndarray) -> dict:
-        buf = io.BytesIO()
-        np.save(buf, arr)
-        data = buf.getvalue()
+        data = npy_bytes(arr)
         (self.root / name).parent.mkdir(exist_ok=True)
         atomic_write_bytes(self.root / name, data)
         return {"name": name, "sha256": _digest(data), "bytes": len(data)}
