@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 # What captured features must share with the selector that reuses them.
 CAPTURE_KEYS = ("model", "checkpoints", "projection", "dim", "max_length", "pool_direction")
-NO_CAPTURE_FIX = ("Create the selector with the capture's settings (proj_dim, proj_kind, proj_seed, "
-                  "max_length, the same base model), or pass use_captured=False to compute features anew.")
+NO_CAPTURE_FIX = ("A selector with the capture's settings (proj_dim, proj_kind, proj_seed, max_length, "
+                  "pool_direction, the same base model) reuses them.")
 
 
 class LessSelector(TargetScorer):
@@ -212,8 +212,15 @@ class LessSelector(TargetScorer):
             logger.warning("Ignoring the incomplete captured features in %s (the capture was interrupted).", root)
             return None
         expected = {**self.featurizer.identity, "checkpoints": [{"step": ckpt.step, "digest": ckpt.digest}]}
-        check_compatible(store.meta, expected, what=f"captured {which} features in {str(root)!r} and this selector",
-                         keys=CAPTURE_KEYS, fix=NO_CAPTURE_FIX)
+        try:
+            check_compatible(store.meta, expected, what=f"captured {which} features in {str(root)!r} and this selector",
+                             keys=CAPTURE_KEYS, fix=NO_CAPTURE_FIX)
+        except IncompatibleFeaturesError as e:
+            # Another projection, max_length, pool direction...: not these features. Left in place (a selector
+            # with the capture's settings still reads them) and computed anew.
+            logger.warning("Setting aside the captured %s features of checkpoint %s: %s They are computed anew "
+                           "with this selector's settings.", which, ckpt.path.name, e)
+            return None
         return store, store.key_index()
 
     def _target_features(self, encoded, i: int) -> torch.Tensor:

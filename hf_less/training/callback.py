@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from ..data import n_scored
 from ..gradients import sharded
-from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of, base_model_record
+from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of, base_model_record, check_proj_dim
 from ..gradients.per_example import AdamMoments, parameter_key, trainable_parameters
 from ..gradients.projection import DEFAULT_KIND
 from ..gradients.state import LessCheckpoint, captured_dir, save_less_state
@@ -108,6 +108,8 @@ class LessCallback(TrainerCallback):
                  on_empty_completion: str = "error", autocast: bool = False, pool_direction: str = "adam"):
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.pool, self.targets = pool, targets
+        if self.captures:  # before training starts, not at the first save
+            check_proj_dim(proj_dim, proj_kind)
         self.capture_settings = dict(proj_dim=proj_dim, proj_kind=proj_kind, proj_seed=proj_seed,
                                      max_length=max_length, batch_size=batch_size,
                                      projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,

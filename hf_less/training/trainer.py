@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,13 @@ class LessSFTTrainer(SFTTrainer):
         k = selectors.resolve_budget(a.less_budget_value, len(self.pool))
         extra = {} if a.less_strategy in ("topk", "random") else {"sims": sims, "subtask_ids": selector.subtask_ids}
         order = selectors.order(a.less_strategy, scores, a.less_seed, **extra)[:k]
+        if 0 < len(order) < k:
+            message = (f"Only {len(order)} of the {len(self.pool)} pool rows can be selected (the others were skipped: "
+                       f"no completion token left after truncation to max_length={self._max_length()}), fewer than "
+                       f"the budget of {k} (less_budget={a.less_budget_value}): training on {len(order)} examples. "
+                       "Raise less_max_length / max_length, fix those rows, or lower less_budget.")
+            warnings.warn(message, UserWarning, stacklevel=2)
+            logger.warning(message)
         if len(order) == 0:
             raise ValueError("No pool example can be selected: every one was skipped (no completion token left "
                              "after truncation). Raise max_length / less_max_length, or check the pool's format.")
