@@ -329,6 +329,8 @@ class LessSelector(TargetScorer):
         if int(shard_rows) < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}.")
         shard_rows = int(shard_rows)
+        # Several nodes: every process computes with the warmup checkpoints it read; they must be the same ones.
+        distributed.check_same([(c.step, c.digest) for c in self.checkpoints], "the warmup checkpoints")
         reader = RowReader(dataset, shard_rows)
         columns = reader.columns()  # reads the first rows ahead: nothing is written before they are checked
         if columns is None:

@@ -112,6 +112,11 @@ class LessSFTTrainer(SFTTrainer):
         """Warmup, featurize, score and select; sets ``selected_indices`` and the training set."""
         a: LessSFTConfig = self.args
         start = time.perf_counter()
+        # Several nodes: the warmup, the stores and the selection are written by the main process and read by all,
+        # so every process must see output_dir (and less_warmup_dir): refused at once otherwise, not after the warmup.
+        distributed.check_shared_directory(a.output_dir, "output_dir")
+        if a.less_warmup_dir:
+            distributed.check_same(_warmup_view(a.less_warmup_dir), f"the warmup checkpoints in {a.less_warmup_dir!r}")
         # The selection model first: a reused selection must have been made with the same weights and tokenizer.
         model, tokenizer = self._selection_model()
         settings = self._settings(model, tokenizer)
@@ -342,6 +347,14 @@ class LessSFTTrainer(SFTTrainer):
         if column is None:
             return self.target_dataset
         return {k: v for k, v in rows_of(self.target_dataset).items() if k != column}
+
+
+def _warmup_view(warmup_dir: str | os.PathLike) -> list[tuple[int, str]] | str:
+    """What this process sees of a warmup: its checkpoints' steps and digests, or why it cannot read them."""
+    try:
+        return [(c.step, c.digest) for c in find_checkpoints(warmup_dir)]
+    except (OSError, ValueError) as e:
+        return f"cannot read it ({type(e).__name__})"
 
 
 def _fresh_warmup_dir(out: Path, run: dict) -> None:
