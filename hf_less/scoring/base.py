@@ -52,12 +52,17 @@ def check_batched(batch: Mapping[str, Any], who: str) -> None:
     string, a number, a list of messages (dicts) or a list of token ids (ints).
     """
     for name, value in batch.items():
-        first = next((v for v in value if v is not None), None) if isinstance(value, list) else None
-        if not isinstance(value, list) or isinstance(first, (dict, int)):
-            raise TypeError(
-                f"{who} scores a batch of examples, and got one example (its {name!r} is "
-                f"{type(value).__name__ if not isinstance(value, list) else 'a list of ' + type(first).__name__}): "
-                "pass batched=True: dataset.map(selector, batched=True, batch_size=16).")
+        if isinstance(value, (list, tuple)):
+            first = next((v for v in value if v is not None), None)
+            one = isinstance(first, (dict, int))  # an example's messages, or its token ids
+            what = f"a list of {type(first).__name__}"
+        elif hasattr(value, "ndim"):  # a numpy/torch-formatted dataset: a batch column has a row axis
+            one, what = value.ndim == 0, f"a 0-d {type(value).__name__}"
+        else:  # a string, a number, a dict, None: one example's value
+            one, what = True, type(value).__name__
+        if one:
+            raise TypeError(f"{who} scores a batch of examples, and got one example (its {name!r} is {what}): "
+                            "pass batched=True: dataset.map(selector, batched=True, batch_size=16).")
 
 
 def fingerprint_of(identity: dict) -> str:
