@@ -15,6 +15,7 @@ from ..data import load_dataset_path
 from ..gradients.projection import DEFAULT_KIND
 from ..selection.strategies import parse_budget
 from ..training.layout import RunLayout
+from ..utils.identity import rows_digest
 from ..utils.io import atomic_save_npy, atomic_save_safetensors, atomic_write_json
 from .arguments import (
     TEXT_COLUMNS,
@@ -296,7 +297,8 @@ def do_select(selector, scores, sims, rd: RunData, layout: RunLayout, sel: Selec
     record = Selection(indices=indices, strategy=sel.strategy, budget=budget, pool_size=len(rd.pool), seed=run.seed,
                        scores=[float(scores[i]) for i in indices], checkpoints=identity.get("checkpoints", []),
                        projection=identity.get("projection"),
-                       extra={"target_task": rd.target_task, "run_dir": str(layout.root)})
+                       extra={"target_task": rd.target_task, "run_dir": str(layout.root),
+                              "pool_digest": pool_digest(rd.pool)})
     path = save_selection(layout.selection(name), record, pool_scores=np.asarray(scores, dtype=np.float32))
     prec = ""
     if rd.target_task and rd.task_column in rd.pool.column_names:
@@ -304,6 +306,11 @@ def do_select(selector, scores, sims, rd: RunData, layout: RunLayout, sel: Selec
         prec = f"; {p:.0%} from {rd.target_task!r}"
     _say(f"select: {name} ({sel.strategy}) kept {len(indices)} of {len(rd.pool)}{prec} -> {path}")
     return name, indices
+
+
+def pool_digest(pool) -> str:
+    """A digest of the pool's text columns, row order included: what a selection's indices point into."""
+    return rows_digest(text_only(pool).to_dict())
 
 
 def _resolve_selection(layout: RunLayout, selection: str) -> tuple[str, Path]:
@@ -327,6 +334,12 @@ def do_train(base_model, tokenizer, rd: RunData, layout: RunLayout, model_args, 
     if record.pool_size != len(rd.pool):
         raise ValueError(f"The selection {path} indexes a pool of {record.pool_size} rows; this run's pool has "
                          f"{len(rd.pool)}. Train in the run directory it was selected in.")
+    made_on = record.extra.get("pool_digest")
+    if made_on is not None and made_on != pool_digest(rd.pool):
+        raise ValueError(f"The selection {path} indexes another pool than this run's (the data was rebuilt since it "
+                         "was selected: other rows, or the same rows in another order), so its indices would pick "
+                         "other examples. Select again on this pool (`hf-less select`), or rebuild the data it was "
+                         "selected from.")
     subset = rd.pool.select(record.indices)
     out = layout.train / name
     _say(f"train: LoRA on the {len(subset)} examples of selection {name!r}, {tr.train_epochs} epochs -> {out}")

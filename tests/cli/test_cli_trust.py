@@ -73,6 +73,10 @@ def test_a_reversed_pool_selects_the_same_examples(tiny, run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds features of another pool: 1 of the 16 rows of this pool (the first: row 0)" in err
     assert "hf-less featurize" in err and not layout.selection("c").exists()
+    # the data is now the edited pool (rebuilt before select c failed): selection a indexes other rows there
+    assert cli.main(["train", *common(tiny, run)[:4], "--dataset", str(reversed_pool),
+                     *common(tiny, run)[6:], "--selection", "a", "--train_epochs", "1"]) == 1
+    assert "indexes another pool than this run's" in capsys.readouterr().err
     # put the run's data back for the other tests of the module
     assert cli.main(["select", *common(tiny, run), "--budget", "4", "--name", "a", "--rebuild_data"]) == 0
 
