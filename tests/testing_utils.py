@@ -7,6 +7,7 @@ another test file or from a conftest; conftest.py files hold fixtures only.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -395,6 +396,43 @@ def torchrun(script, *args, nproc=2, port=29517, timeout=420):
         out, err = proc.communicate()
         pytest.fail(f"{script} did not finish in {timeout} s; stacks and stderr:\n{err[-6000:]}")
     assert proc.returncode == 0, err[-3000:]
+
+
+def torchrun_nodes(script, node_args, port=29531, timeout=300, expect_success=True) -> list[tuple[int, str]]:
+    """Several nodes simulated on this machine: one ``torchrun --nnodes N --node_rank i --rdzv_backend c10d``
+    launch per entry of ``node_args`` (that node's script arguments), one process each, gloo on localhost.
+
+    Returns ``(returncode, stderr)`` per node; with ``expect_success`` fails the test unless every node exits 0.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = []
+    for rank, args in enumerate(node_args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(node_args)), "--node_rank",
+               str(rank), "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}",
+               "--rdzv_id", f"hf-less-{port}", str(SCRIPTS / script), *map(str, args)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    results = []
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGUSR1)
+            time.sleep(5)
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            errs = [p.communicate()[1] for p in procs]
+            pytest.fail(f"{script} on {len(procs)} nodes did not finish in {timeout} s; stderr:\n"
+                        + "\n----\n".join(e[-4000:] for e in errs))
+        results.append((proc.returncode, err))
+    if expect_success:
+        for rank, (rc, err) in enumerate(results):
+            assert rc == 0, f"node {rank}: {err[-3000:]}"
+    return results
 
 
 def example_args(tmp_path, tokenizer, out, *extra):

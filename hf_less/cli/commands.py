@@ -31,6 +31,7 @@ from .pipeline import (
     make_selector,
     prepare_data,
     run_layout,
+    text_only,
 )
 from .progress import _say
 
@@ -77,7 +78,7 @@ def cmd_select(run, data, model_args, feat, sel):
                                   hub_correction=feat.hub_correction, hub_pca_components=feat.hub_pca_components,
                                   hub_csls_k=feat.hub_csls_k)
     selector = make_selector(model, tokenizer, rd, layout, model_args, feat, run)
-    scores, sims = selector.score_store(layout.store)
+    scores, sims = selector.score_store(layout.store, text_only(rd.pool))
     do_select(selector, np.asarray(scores), np.asarray(sims), rd, layout, sel, run)
 
 

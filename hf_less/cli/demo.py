@@ -11,6 +11,7 @@ from typing import Any
 
 from ..selection.strategies import resolve_budget
 from ..training.layout import RunLayout
+from ..utils.io import atomic_write_json
 from .arguments import (
     DEMO_SCALING,
     DataArguments,
@@ -249,7 +250,7 @@ def _fit_pool_to_time(rd: RunData, layout: RunLayout, demo: DemoArguments, sel: 
     meta_path = layout.data / "data.json"
     meta = json.loads(meta_path.read_text())
     meta.update(pool=len(rd.pool), scaled_from=n)
-    meta_path.write_text(json.dumps(meta, indent=2))
+    atomic_write_json(meta_path, meta)
     _write_run_info(layout, settings={"pool": f"{len(rd.pool)} examples (scaled from {n} to fit the time budget)"})
 
 

@@ -15,7 +15,8 @@ from ..data import load_dataset_path
 from ..gradients.projection import DEFAULT_KIND, MATRIX_FREE_KINDS
 from ..selection.strategies import parse_budget
 from ..training.layout import RunLayout
-from ..utils.io import atomic_write_json
+from ..utils.identity import rows_digest
+from ..utils.io import atomic_save_npy, atomic_save_safetensors, atomic_write_json
 from .arguments import (
     TEXT_COLUMNS,
     DataArguments,
@@ -149,13 +150,16 @@ def prepare_data(run: RunArguments, data: DataArguments, model_args: ModelArgume
     if eval_set is not None:
         eval_set = _fits(eval_set, tokenizer, model_args.max_length, "eval")
     layout.data.mkdir(parents=True, exist_ok=True)
+    # data.json is written last and marks the data complete: gone while the datasets are rewritten, so a
+    # run killed meanwhile is rebuilt by the next command instead of read half-written.
+    meta_path.unlink(missing_ok=True)
     pool.save_to_disk(str(layout.data / "pool"))
     targets.save_to_disk(str(layout.data / "targets"))
     if eval_set is not None:
         eval_set.save_to_disk(str(layout.data / "eval"))
     meta = {"source": source, "target_task": target, "task_column": task_column, "max_length": model_args.max_length,
             "pool": len(pool), "targets": len(targets), "eval": None if eval_set is None else len(eval_set)}
-    meta_path.write_text(json.dumps(meta, indent=2))
+    atomic_write_json(meta_path, meta)  # last: data.json marks the data complete
     tasks = pool[task_column] if task_column in pool.column_names else None
     share = f", {sum(t == target for t in tasks)} from {target!r}" if tasks and target else ""
     _say(f"data: pool {len(pool)} examples{share}; targets {len(targets)}; "
@@ -212,7 +216,7 @@ def _write_run_info(layout: RunLayout, **updates) -> dict:
         else:
             info[key] = value
     layout.root.mkdir(parents=True, exist_ok=True)
-    layout.run_info.write_text(json.dumps(info, indent=2, default=str))
+    atomic_write_json(layout.run_info, info, default=str)
     return info
 
 
@@ -262,21 +266,19 @@ def do_featurize(selector, rd: RunData, layout: RunLayout):
 
     selector.featurize(text_only(rd.pool), layout.store, shard_rows=_shard_rows(selector))
     identity = getattr(selector, "identity", {})
-    (layout.features / "featurize.json").write_text(json.dumps({
+    atomic_write_json(layout.features / "featurize.json", {
         "proj_dim": identity.get("dim") if identity.get("projection") else 0,
         "proj_kind": (identity.get("projection") or {}).get("kind", DEFAULT_KIND),
         "pool_direction": identity.get("pool_direction", "adam"),
-        "checkpoints": [c.step for c in selector.checkpoints]}, indent=2))
+        "checkpoints": [c.step for c in selector.checkpoints]})
     targets = getattr(selector, "target_features", None)
     if targets is not None:
-        from safetensors.torch import save_file
-
         steps = [c.step for c in selector.checkpoints]
-        save_file({f"step_{s}": t.contiguous() for s, t in zip(steps, targets)},
-                  str(layout.features / "targets.safetensors"))
-    scores, sims = selector.score_store(layout.store)
-    np.save(layout.features / "less_scores.npy", scores)
-    np.save(layout.features / "less_sims.npy", sims)
+        atomic_save_safetensors(layout.features / "targets.safetensors",
+                                {f"step_{s}": t.contiguous() for s, t in zip(steps, targets)})
+    scores, sims = selector.score_store(layout.store, text_only(rd.pool))
+    atomic_save_npy(layout.features / "less_scores.npy", np.asarray(scores, dtype=np.float32))
+    atomic_save_npy(layout.features / "less_sims.npy", np.asarray(sims, dtype=np.float32))
     return scores, sims
 
 
@@ -297,7 +299,8 @@ def do_select(selector, scores, sims, rd: RunData, layout: RunLayout, sel: Selec
     record = Selection(indices=indices, strategy=sel.strategy, budget=budget, pool_size=len(rd.pool), seed=run.seed,
                        scores=[float(scores[i]) for i in indices], checkpoints=identity.get("checkpoints", []),
                        projection=identity.get("projection"),
-                       extra={"target_task": rd.target_task, "run_dir": str(layout.root)})
+                       extra={"target_task": rd.target_task, "run_dir": str(layout.root),
+                              "pool_digest": pool_digest(rd.pool)})
     path = save_selection(layout.selection(name), record, pool_scores=np.asarray(scores, dtype=np.float32))
     prec = ""
     if rd.target_task and rd.task_column in rd.pool.column_names:
@@ -305,6 +308,11 @@ def do_select(selector, scores, sims, rd: RunData, layout: RunLayout, sel: Selec
         prec = f"; {p:.0%} from {rd.target_task!r}"
     _say(f"select: {name} ({sel.strategy}) kept {len(indices)} of {len(rd.pool)}{prec} -> {path}")
     return name, indices
+
+
+def pool_digest(pool) -> str:
+    """A digest of the pool's text columns, row order included: what a selection's indices point into."""
+    return rows_digest(text_only(pool).to_dict())
 
 
 def _resolve_selection(layout: RunLayout, selection: str) -> tuple[str, Path]:
@@ -328,6 +336,12 @@ def do_train(base_model, tokenizer, rd: RunData, layout: RunLayout, model_args, 
     if record.pool_size != len(rd.pool):
         raise ValueError(f"The selection {path} indexes a pool of {record.pool_size} rows; this run's pool has "
                          f"{len(rd.pool)}. Train in the run directory it was selected in.")
+    made_on = record.extra.get("pool_digest")
+    if made_on is not None and made_on != pool_digest(rd.pool):
+        raise ValueError(f"The selection {path} indexes another pool than this run's (the data was rebuilt since it "
+                         "was selected: other rows, or the same rows in another order), so its indices would pick "
+                         "other examples. Select again on this pool (`hf-less select`), or rebuild the data it was "
+                         "selected from.")
     subset = rd.pool.select(record.indices)
     out = layout.train / name
     _say(f"train: LoRA on the {len(subset)} examples of selection {name!r}, {tr.train_epochs} epochs -> {out}")

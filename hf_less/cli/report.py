@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..training.layout import RunLayout
+from ..utils.io import atomic_write_bytes, atomic_write_text
 
 REPORT_FILE = "report.md"
 PLOTS = ("summary.png", "scores.png", "composition.png", "precision.png", "loss.png")
@@ -153,6 +154,15 @@ PANELS = {"scores.png": _plot_scores, "composition.png": _plot_composition,
           "precision.png": _plot_precision, "loss.png": _plot_loss}
 
 
+def _save_figure(fig, path: Path) -> None:
+    """A PNG of ``fig``, written atomically (a killed report leaves the old plot or the new one)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def write_plots(inputs: ReportInputs, out_dir: str | os.PathLike) -> list[Path]:
     """Write every plot the inputs allow; returns the written paths (``summary.png`` first)."""
     try:
@@ -174,14 +184,14 @@ def write_plots(inputs: ReportInputs, out_dir: str | os.PathLike) -> list[Path]:
     if any(drawn):
         fig.suptitle(inputs.title)
         fig.tight_layout()
-        fig.savefig(out_dir / "summary.png", dpi=90)
+        _save_figure(fig, out_dir / "summary.png")
         written.append(out_dir / "summary.png")
     plt.close(fig)
     for name, draw in PANELS.items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if draw(ax, inputs):
             fig.tight_layout()
-            fig.savefig(out_dir / name, dpi=90)
+            _save_figure(fig, out_dir / name)
             written.append(out_dir / name)
         plt.close(fig)
     return written
@@ -255,7 +265,7 @@ def write_report(inputs: ReportInputs, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     plots = write_plots(inputs, out_dir)
     path = out_dir / REPORT_FILE
-    path.write_text(markdown(inputs, [p.name for p in plots]))
+    atomic_write_text(path, markdown(inputs, [p.name for p in plots]))
     return path
 
 

@@ -29,7 +29,7 @@ from ..utils import distributed
 from ..utils.identity import weights_digest
 from ..utils.tensors import normalize
 from .per_example import AdamMoments, PerExampleGradients, batch_order, eval_mode, gradient_features
-from .projection import DEFAULT_KIND, make_projector
+from .projection import DEFAULT_KIND, SPARSE_NNZ, make_projector
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,23 @@ class NonFiniteFeatureError(FloatingPointError):
     def at(self, rows: Sequence[int], context: str) -> "NonFiniteFeatureError":
         """The same error for the same examples, named in the caller's terms."""
         return NonFiniteFeatureError(rows, context, self.detail)
+
+
+def check_proj_dim(proj_dim: int | None, proj_kind: str = DEFAULT_KIND, name: str = "proj_dim") -> None:
+    """Refuse a projection dimension the projection cannot have, naming ``proj_dim`` (``name``), not its internals.
+
+    ``None`` (exact features) is always fine; otherwise an int >= 1, and for the sparse kind at least
+    :data:`~hf_less.gradients.projection.SPARSE_NNZ` (each coordinate goes to that many outputs).
+    """
+    if proj_dim is None:
+        return
+    if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1:
+        raise ValueError(f"{name}={proj_dim!r} must be a positive int (LESS uses 8192), or None/0 for exact features.")
+    if proj_kind == "sparse" and proj_dim < SPARSE_NNZ:
+        raise ValueError(
+            f"{name}={proj_dim} is too small for the sparse projection, which adds each gradient coordinate into "
+            f"{SPARSE_NNZ} output coordinates: {name} must be at least {SPARSE_NNZ}. Use {name} >= {SPARSE_NNZ} "
+            "(LESS uses 8192; 1024 to 8192 all select well), or another proj_kind.")
 
 
 def find_batch_size(fits: Callable[[int], Any], start: int) -> int:
@@ -118,6 +135,18 @@ def model_identity(model: torch.nn.Module) -> dict:
     }
 
 
+def base_model_record(model: torch.nn.Module) -> dict:
+    """What a warmup records of its base model (``less_state.json``'s ``"base_model"``).
+
+    :func:`model_identity` plus the digest of the weights rounded to bfloat16 (``"weights_bf16"``)
+    and their dtype, so a selector loading the same weights at another precision is recognised.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    frozen = [p for p in base.parameters() if not p.requires_grad]
+    return {**model_identity(model), "weights_bf16": weights_digest(base, frozen_only=True, rounded=True),
+            "dtype": str(frozen[0].dtype).replace("torch.", "") if frozen else None}
+
+
 def rows_of(data: Any) -> dict[str, list]:
     """A ``datasets.Dataset``, a list of rows or a dict of columns -> a dict of columns."""
     if hasattr(data, "column_names") and hasattr(data, "to_dict"):
@@ -162,6 +191,7 @@ class Featurizer:
                  on_empty_completion: str = "error", autocast: bool = False, pool_direction: str = "adam"):
         if pool_direction not in POOL_DIRECTIONS:
             raise ValueError(f"pool_direction must be one of {POOL_DIRECTIONS}, got {pool_direction!r}.")
+        check_proj_dim(proj_dim, proj_kind)
         self.pool_direction = pool_direction
         self.auto_batch_size = batch_size == "auto"
         if not self.auto_batch_size and (isinstance(batch_size, str) or int(batch_size) < 1):

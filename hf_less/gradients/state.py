@@ -25,6 +25,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256  # noqa: F401 (re-exported)
 from .per_example import AdamMoments
+from .store import IncompatibleFeaturesError
 
 STATE_FILE = "less_state.json"
 MOMENTS_FILE = "less_moments.safetensors"
@@ -59,8 +61,14 @@ def save_less_state(
     global_step: int,
     lr_steps: int,
     optimizer: str,
+    base_model: dict | None = None,
 ) -> None:
-    """Write the moments and the JSON state into ``checkpoint_dir`` (atomically, moments first)."""
+    """Write the moments and the JSON state into ``checkpoint_dir`` (atomically, moments first).
+
+    ``base_model``: the identity of the frozen base model the adapter was trained on
+    (:func:`hf_less.gradients.featurizer.base_model_record`), checked by every consumer
+    (:func:`check_base_model`); ``None`` when it cannot be known (a sharded model).
+    """
     d = Path(checkpoint_dir)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -78,6 +86,7 @@ def save_less_state(
         "optimizer": optimizer,
         "parameters": list(keys),
         "run": run_identity(d),
+        "base_model": base_model,
     })
 
 
@@ -115,6 +124,45 @@ def run_differences(a: dict, b: dict) -> list[str]:
     fa, fb = _flat(a), _flat(b)
     return [f"{k}: {fa.get(k, '(absent)')!r} -> {fb.get(k, '(absent)')!r}"
             for k in sorted(set(fa) | set(fb)) if fa.get(k, "(absent)") != fb.get(k, "(absent)")]
+
+
+class ForeignBaseModelError(IncompatibleFeaturesError):
+    """The model given to score with is not the base model the warmup was trained on."""
+
+
+def check_base_model(checkpoints: list["LessCheckpoint"], identity: dict, rounded: Callable[[], str],
+                     fix: str = "") -> None:
+    """Refuse a model whose frozen weights differ from those the warmup checkpoints were trained on.
+
+    ``identity`` is the model's :func:`hf_less.gradients.featurizer.model_identity`; ``rounded()``
+    its weights' bfloat16-rounded digest (computed only when the exact digests differ, to recognise
+    the same weights loaded at another precision). Checkpoints that record no base model (written
+    by hf-less before it recorded one) are accepted with a warning; ``"base_model": null`` (a
+    sharded warmup) is accepted silently.
+    """
+    old = [c.path.name for c in checkpoints if "base_model" not in c.state]
+    if old:
+        warnings.warn(
+            f"The warmup checkpoints {old} in {str(checkpoints[0].path.parent)!r} record no base model identity "
+            "(written by an older hf-less): hf-less cannot check that the model given is the one the warmup "
+            "trained its adapter on. Features of another base model would be meaningless; re-run the warmup to "
+            "have this checked.", UserWarning, stacklevel=3)
+    bf16 = None
+    for c in checkpoints:
+        record = c.state.get("base_model")
+        if not record or record.get("weights") in (None, identity.get("weights")):
+            continue
+        if bf16 is None:
+            bf16 = rounded()
+        if record.get("weights_bf16") == bf16:
+            continue  # the same weights at another precision
+        raise ForeignBaseModelError(
+            f"The warmup checkpoint {str(c.path)!r} was trained on the base model {record.get('name_or_path')!r} "
+            f"(weights digest {record.get('weights')}, {record.get('dtype')}); the model given "
+            f"({identity.get('name_or_path')!r}, weights digest {identity.get('weights')}) has other weights. Its "
+            "gradients would be mixed with the warmup's adapter and Adam state of another model, and the scores "
+            "would mean nothing. Pass the warmup's base model" + (f" ({fix})" if fix else "")
+            + ", or re-run the warmup with this one.")
 
 
 def load_moments(checkpoint_dir: str | os.PathLike) -> AdamMoments:

@@ -16,6 +16,14 @@ recomputed) and deletes what no manifest lists: leftover ``.*.tmp`` files and sh
 renamed into place before the crash but never recorded. Reading is lazy: shards are
 ``np.load(mmap_mode="r")``-ed, so a pool larger than memory works.
 
+A store has one writer at a time: :meth:`FeatureStore.create` takes an exclusive lock
+(``fcntl.flock`` on ``.writer.lock`` in the store, which names its holder) and keeps it until
+:meth:`FeatureStore.finish` or :meth:`FeatureStore.release`; a second writer is refused with the
+store and the holder named, so it never runs the recovery above over another writer's in-flight
+files. The kernel drops the lock of a killed process, so a crash never leaves a store locked.
+Opening a complete store checks every listed file against the manifest (present, inside the
+store, of the recorded size); reading the content keys checks their checksums (16 bytes a row).
+
 Rows a featurization skipped (no completion token, ``on_empty_completion="skip"``) keep their
 place with zero features and are listed in their shard's ``"skipped"`` (row offsets in the shard).
 """
@@ -29,14 +37,21 @@ import json
 import logging
 import os
 import re
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer per store is then the user's to ensure
+    fcntl = None
+
 from ..utils import distributed
-from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256
+from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256, npy_bytes
 from .featurizer import content_keys
 
 logger = logging.getLogger(__name__)
@@ -52,11 +67,85 @@ INFORMATIONAL_META = ("fingerprint",)
 # Known only once every row is written when the pool is a stream: ``None`` until :meth:`FeatureStore.finish`
 # fills it, and ``None`` on either side matches any value on resume (rows are checked by content key).
 FILLED_AT_FINISH = ("rows",)
+LOCK_FILE = ".writer.lock"
 _SHARD_RE = re.compile(r"^shard-\d+\.npy$")
+# Every file a manifest may list: a read never leaves the store's directory.
+_LISTED_RE = re.compile(r"(step-\d+|keys)/shard-\d+\.npy")
 
 
 class IncompatibleFeaturesError(ValueError):
     """Two feature sets come from different models, checkpoints or projections."""
+
+
+class StoreLockedError(RuntimeError):
+    """Another writer holds the store (a second featurization or capture into the same directory)."""
+
+
+class CorruptStoreError(IOError):
+    """A store's files do not match its manifest (truncated, missing, altered, or outside the store)."""
+
+
+class _WriterLock:
+    """An exclusive ``flock`` on ``root/.writer.lock``, holding the writer's pid, host and start time."""
+
+    def __init__(self, root: Path):
+        self.path = root / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                raise StoreLockedError(
+                    f"The feature store {str(self.path.parent)!r} is being written by another process "
+                    f"({self.holder()}). One store has one writer: wait for that one to finish (this call then "
+                    "resumes or reuses its work), stop it, or write to another directory.") from None
+            # The previous holder removes the file as it lets go: a lock on a file no longer at the path is no lock.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        self.fd = fd
+
+    def holder(self) -> str:
+        """Who holds the lock, in words, as the holder wrote it."""
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info:
+            return "holder unknown"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
+        return f"pid {info.get('pid')} on host {info.get('host')}, since {since}"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()  # under the lock: the next writer finds no file, or a new one
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 def check_compatible(a: dict, b: dict, what: str = "pool and target features",
@@ -80,8 +169,12 @@ def check_compatible(a: dict, b: dict, what: str = "pool and target features",
 class ShardedArray:
     """A read-only ``(rows, d)`` array over memory-mapped shards."""
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[Path], shapes: list[tuple[int, int]] | None = None):
         self._parts = [np.load(p, mmap_mode="r") for p in paths]
+        for p, part, shape in zip(paths, self._parts, shapes or []):
+            if part.shape != tuple(shape):
+                raise CorruptStoreError(f"{str(p)!r} holds a {part.shape} array; its store's manifest says "
+                                        f"{tuple(shape)}. The store is damaged: delete it and featurize again.")
         self._starts = np.cumsum([0] + [len(p) for p in self._parts])
         dim = self._parts[0].shape[1] if self._parts else 0
         self.shape = (int(self._starts[-1]), dim)
@@ -149,6 +242,34 @@ class FeatureStore:
         self.meta = json.loads(meta.read_text())
         manifest = self.root / MANIFEST_FILE
         self.manifest = json.loads(manifest.read_text()) if manifest.exists() else {"shards": [], "complete": False}
+        self._lock: _WriterLock | None = None
+        for f in self._listed():
+            if not isinstance(f.get("name"), str) or not _LISTED_RE.fullmatch(f["name"]):
+                raise CorruptStoreError(
+                    f"The manifest of {str(self.root)!r} lists the file {f.get('name')!r}, which is not a shard of "
+                    "the store (a store lists step-N/shard-K.npy and keys/shard-K.npy only): it was altered. "
+                    "Delete the store and featurize again.")
+        if self.complete:
+            self._check_sizes()
+
+    def _listed(self) -> list[dict]:
+        """Every file entry of the manifest (features and keys of every shard)."""
+        return [f for s in self.manifest["shards"] for f in [*s["files"].values(), *([s["keys"]] if "keys" in s else [])]]
+
+    def _check_sizes(self) -> None:
+        """Every listed file present, with the size the manifest records (stores written before sizes
+        were recorded: present). Cheap: one ``stat`` per file."""
+        for f in self._listed():
+            path = self.root / f["name"]
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CorruptStoreError(f"The feature store {str(self.root)!r} is complete but its file "
+                                        f"{f['name']} is missing. Delete the store and featurize again.") from None
+            if "bytes" in f and size != f["bytes"]:
+                raise CorruptStoreError(
+                    f"The feature store {str(self.root)!r} is damaged: {f['name']} has {size} bytes, its manifest "
+                    f"says {f['bytes']} (truncated or overwritten). Delete the store and featurize again.")
 
     @classmethod
     def create(cls, root: str | os.PathLike, meta: dict) -> "FeatureStore":
@@ -156,32 +277,46 @@ class FeatureStore:
 
         A reopened incomplete store is first made consistent (see the module docstring), so
         writing continues after its last complete, checksum-verified shard.
+
+        The store returned holds the writer's lock (see the module docstring) until :meth:`finish`
+        or :meth:`release`; a store another process is writing raises :class:`StoreLockedError`.
         """
         root = Path(root)
         meta = {"store_version": STORE_VERSION, **meta}
-        if (root / META_FILE).exists():
-            existing = json.loads((root / META_FILE).read_text())
-            wanted = json.loads(json.dumps(meta))
-            diffs = sorted(k for k in set(existing) | set(wanted)
-                           if k not in INFORMATIONAL_META and existing.get(k) != wanted.get(k)
-                           and not (k in FILLED_AT_FINISH and None in (existing.get(k), wanted.get(k))))
-            if diffs:
-                raise IncompatibleFeaturesError(
-                    f"{str(root)!r} already holds features computed with other settings (they differ in "
-                    f"{', '.join(diffs)}); use another directory, or delete this one to recompute.")
-            store = cls(root)
-            if not store.complete:
-                store._recover()
-            return store
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
+        lock = _WriterLock(root)
         try:
-            _disk_full_hint(atomic_write_json, root / META_FILE, meta, where=f"creating the store {str(root)!r}")
+            lock.acquire()
         except BaseException:
             if created and not any(root.iterdir()):
+                root.rmdir()
+            raise
+        try:
+            if (root / META_FILE).exists():
+                existing = json.loads((root / META_FILE).read_text())
+                wanted = json.loads(json.dumps(meta))
+                diffs = sorted(k for k in set(existing) | set(wanted)
+                               if k not in INFORMATIONAL_META and existing.get(k) != wanted.get(k)
+                               and not (k in FILLED_AT_FINISH and None in (existing.get(k), wanted.get(k))))
+                if diffs:
+                    raise IncompatibleFeaturesError(
+                        f"{str(root)!r} already holds features computed with other settings (they differ in "
+                        f"{', '.join(diffs)}); use another directory, or delete this one to recompute.")
+                store = cls(root)
+                store._lock = lock
+                if not store.complete:
+                    store._recover()
+                return store
+            _disk_full_hint(atomic_write_json, root / META_FILE, meta, where=f"creating the store {str(root)!r}")
+            store = cls(root)
+            store._lock = lock
+            return store
+        except BaseException:
+            lock.release()
+            if created and root.exists() and not any(root.iterdir()):
                 root.rmdir()  # leave nothing behind
             raise
-        return cls(root)
 
     def _recover(self) -> None:
         """Keep the manifest's shards up to the first missing or corrupt one; delete unlisted files."""
@@ -226,12 +361,10 @@ class FeatureStore:
         return bool(self.meta.get("keyed"))
 
     def _save(self, name: str, arr: np.ndarray) -> dict:
-        buf = io.BytesIO()
-        np.save(buf, arr)
-        data = buf.getvalue()
+        data = npy_bytes(arr)
         (self.root / name).parent.mkdir(exist_ok=True)
         atomic_write_bytes(self.root / name, data)
-        return {"name": name, "sha256": _digest(data)}
+        return {"name": name, "sha256": _digest(data), "bytes": len(data)}
 
     def write_shard(self, per_step: dict[int, np.ndarray], keys: np.ndarray | None = None,
                     skipped: list[int] | None = None) -> None:
@@ -241,6 +374,7 @@ class FeatureStore:
         ``skipped`` lists the shard's rows that have no features (their rows hold zeros).
         A full disk raises ``OSError(ENOSPC)`` naming the fix; the store stays consistent.
         """
+        self._check_writer()
         if self.keyed != (keys is not None):
             raise ValueError("A keyed store needs the rows' content keys with every shard, and only a keyed one.")
         if set(per_step) != set(self.steps):
@@ -280,8 +414,9 @@ class FeatureStore:
         """Mark the store complete (every row written); fills ``meta["rows"]`` when it was unknown (a stream).
 
         ``meta.json`` is rewritten (atomically) before the manifest says complete, so a complete
-        store always has its row count.
+        store always has its row count. Releases the writer's lock.
         """
+        self._check_writer()
         rows = self.meta.get("rows")
         if rows is None:
             meta = {**self.meta, "rows": self.num_rows}
@@ -295,6 +430,17 @@ class FeatureStore:
         _disk_full_hint(atomic_write_json, self.root / MANIFEST_FILE, manifest,
                         where=f"finishing {str(self.root)!r}", store=self)
         self.manifest = manifest
+        self.release()
+
+    def _check_writer(self) -> None:
+        if self._lock is None or (fcntl is not None and self._lock.fd is None):
+            raise RuntimeError(f"This FeatureStore of {str(self.root)!r} was opened for reading (or has finished): "
+                               "open it with FeatureStore.create(root, meta) to write.")
+
+    def release(self) -> None:
+        """Let go of the writer's lock without changing the store (a writer that stops before :meth:`finish`)."""
+        if self._lock is not None:
+            self._lock.release()
 
     def skipped_rows(self) -> np.ndarray:
         """Store rows without features (skipped examples), ascending."""
@@ -308,13 +454,27 @@ class FeatureStore:
         """The ``(rows, d)`` features of checkpoint ``step``, memory-mapped."""
         if step not in self.steps:
             raise KeyError(f"No features for checkpoint step {step}; the store has {self.steps}.")
-        return ShardedArray([self.root / s["files"][str(step)]["name"] for s in self.manifest["shards"]])
+        shards = self.manifest["shards"]
+        return ShardedArray([self.root / s["files"][str(step)]["name"] for s in shards],
+                            [(s["rows"], self.meta["dim"]) for s in shards])
 
     def keys(self) -> np.ndarray:
         """``(rows, 16)`` uint8 content keys of a keyed store, in row order."""
         if not self.keyed:
             raise ValueError(f"The feature store {str(self.root)!r} has no content keys.")
-        parts = [np.load(self.root / s["keys"]["name"]) for s in self.manifest["shards"]]
+        parts = []
+        for s in self.manifest["shards"]:
+            data = (self.root / s["keys"]["name"]).read_bytes()
+            if _digest(data) != s["keys"]["sha256"]:
+                raise CorruptStoreError(
+                    f"The content keys {s['keys']['name']} of {str(self.root)!r} do not match their checksum (the "
+                    "file was altered or overwritten): its rows cannot be trusted. Delete the store and featurize "
+                    "again.")
+            part = np.load(io.BytesIO(data))
+            if part.shape != (s["rows"], 16):
+                raise CorruptStoreError(f"The content keys {s['keys']['name']} of {str(self.root)!r} hold "
+                                        f"{part.shape}, not ({s['rows']}, 16). Delete the store and featurize again.")
+            parts.append(part)
         return np.concatenate(parts) if parts else np.zeros((0, 16), dtype=np.uint8)
 
     def key_index(self) -> dict[bytes, int]:
@@ -371,6 +531,19 @@ class StoreWriter:
             self.store.write_shard(per_step, content_keys(encoded), skipped=skipped)
         self.written += len(encoded) if rows_read is None else rows_read
         self.bar.update(self.written - self.bar.n)
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Close the bar and let go of the store without marking it complete (main process)."""
+        self.bar.close()
+        if self.main and self.store is not None:
+            self.store.release()
 
     def close(self) -> None:
         """Close the bar and mark the store complete (main process)."""

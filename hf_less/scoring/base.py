@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,26 @@ def target_columns(targets: Any, subtask_column: str | None) -> tuple[dict[str, 
         raise ValueError(f"subtask_column={subtask_column!r} is not a column of targets {sorted(columns)}.")
     labels = columns.pop(subtask_column) if subtask_column else None
     return columns, labels
+
+
+def check_batched(batch: Mapping[str, Any], who: str) -> None:
+    """Refuse one example where a batch is expected (``dataset.map(scorer)`` without ``batched=True``).
+
+    In a batch every column is a list with one value per example; an example's own values are a
+    string, a number, a list of messages (dicts) or a list of token ids (ints).
+    """
+    for name, value in batch.items():
+        if isinstance(value, (list, tuple)):
+            first = next((v for v in value if v is not None), None)
+            one = isinstance(first, (dict, int))  # an example's messages, or its token ids
+            what = f"a list of {type(first).__name__}"
+        elif hasattr(value, "ndim"):  # a numpy/torch-formatted dataset: a batch column has a row axis
+            one, what = value.ndim == 0, f"a 0-d {type(value).__name__}"
+        else:  # a string, a number, a dict, None: one example's value
+            one, what = True, type(value).__name__
+        if one:
+            raise TypeError(f"{who} scores a batch of examples, and got one example (its {name!r} is {what}): "
+                            "pass batched=True: dataset.map(selector, batched=True, batch_size=16).")
 
 
 def fingerprint_of(identity: dict) -> str:

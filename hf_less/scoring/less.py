@@ -16,14 +16,21 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..data import detect_format, empty_rows
-from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, content_keys
+from ..gradients.featurizer import (
+    Featurizer,
+    NonFiniteFeatureError,
+    adapter_name_of,
+    base_model_record,
+    content_key,
+    content_keys,
+)
 from ..gradients.projection import DEFAULT_KIND
-from ..gradients.state import LessCheckpoint, find_checkpoints
+from ..gradients.state import LessCheckpoint, check_base_model, find_checkpoints
 from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, StoreWriter, check_compatible
 from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
 from ..utils import distributed
 from ..utils.identity import tokenizer_identity
-from .base import TargetScorer, fingerprint_of, load_causal_lm, register_datasets_hash, target_columns
+from .base import TargetScorer, check_batched, fingerprint_of, load_causal_lm, register_datasets_hash, target_columns
 from .hubness import HubCorrection, chunks_of
 from .similarity import less_score, subtask_index, weighted_sims
 
@@ -31,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 # What captured features must share with the selector that reuses them.
 CAPTURE_KEYS = ("model", "checkpoints", "projection", "dim", "max_length", "pool_direction")
-NO_CAPTURE_FIX = ("Create the selector with the capture's settings (proj_dim, proj_kind, proj_seed, "
-                  "max_length, the same base model), or pass use_captured=False to compute features anew.")
+NO_CAPTURE_FIX = ("A selector with the capture's settings (proj_dim, proj_kind, proj_seed, max_length, "
+                  "pool_direction, the same base model) reuses them.")
 
 
 class LessSelector(TargetScorer):
@@ -129,6 +136,9 @@ class LessSelector(TargetScorer):
             batch_size=batch_size, projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
             on_empty_completion=on_empty_completion, autocast=autocast, pool_direction=pool_direction)
         self.grads = self.featurizer.grads
+        check_base_model(self.checkpoints, self.featurizer.identity["model"],
+                         lambda: base_model_record(self.model)["weights_bf16"],
+                         fix="the CLI: the --model of `hf-less warmup`; the API: the model the warmup's Trainer trained")
         self._adapter_states: dict[int, dict[str, torch.Tensor]] = {}
         self._loaded: int | None = None
         self._moments = [c.moments() for c in self.checkpoints]
@@ -277,8 +287,15 @@ class LessSelector(TargetScorer):
             logger.warning("Ignoring the incomplete captured features in %s (the capture was interrupted).", root)
             return None
         expected = {**self.featurizer.identity, "checkpoints": [{"step": ckpt.step, "digest": ckpt.digest}]}
-        check_compatible(store.meta, expected, what=f"captured {which} features in {str(root)!r} and this selector",
-                         keys=CAPTURE_KEYS, fix=NO_CAPTURE_FIX)
+        try:
+            check_compatible(store.meta, expected, what=f"captured {which} features in {str(root)!r} and this selector",
+                             keys=CAPTURE_KEYS, fix=NO_CAPTURE_FIX)
+        except IncompatibleFeaturesError as e:
+            # Another projection, max_length, pool direction...: not these features. Left in place (a selector
+            # with the capture's settings still reads them) and computed anew.
+            logger.warning("Setting aside the captured %s features of checkpoint %s: %s They are computed anew "
+                           "with this selector's settings.", which, ckpt.path.name, e)
+            return None
         return store, store.key_index()
 
     def _target_features(self, encoded, i: int) -> torch.Tensor:
@@ -334,6 +351,7 @@ class LessSelector(TargetScorer):
     def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
         """Score a batch of pool examples: returns ``less_score`` and ``less_sims``."""
         columns = {k: v for k, v in batch.items() if k not in ("less_score", "less_sims")}
+        check_batched(columns, "LessSelector")
         if not columns or not next(iter(columns.values())):
             return {"less_score": [], "less_sims": []}
         encoded = self.featurizer.encode(columns, "pool batch")
@@ -386,6 +404,8 @@ class LessSelector(TargetScorer):
         if int(shard_rows) < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}.")
         shard_rows = int(shard_rows)
+        # Several nodes: every process computes with the warmup checkpoints it read; they must be the same ones.
+        distributed.check_same([(c.step, c.digest) for c in self.checkpoints], "the warmup checkpoints")
         reader = RowReader(dataset, shard_rows)
         columns = reader.columns()  # reads the first rows ahead: nothing is written before they are checked
         if columns is None:
@@ -395,44 +415,63 @@ class LessSelector(TargetScorer):
                 "rows": known_rows(dataset), "fingerprint": getattr(dataset, "_fingerprint", None)}
         writer = StoreWriter(lambda: FeatureStore.create(store_dir, meta), "pool features", self.show_progress,
                              unknown_total=expected_rows(dataset))
-        done, rows = writer.done, writer.rows
-        if done:
-            self._check_resumed_rows(reader, writer.store, done, shard_rows)
-        start = done
-        while batch := reader.take(shard_rows):
-            n = num_rows(batch)
-            if rows is not None and start + n > rows:  # a store begun for a shorter pool
+        with writer:  # an error lets go of the store (its lock), keeping what is written
+            done, rows = writer.done, writer.rows
+            if done and distributed.on_main(lambda: writer.store.complete):
+                # Featurized already: reused if it holds this pool's rows (in any order; score_store matches
+                # them by content key), refused otherwise.
+                try:
+                    distributed.on_main(lambda: self._check_complete_store(writer.store, dataset))
+                finally:
+                    writer.abandon()
+                distributed.barrier()
+                return writer.store
+            if done:
+                self._check_resumed_rows(reader, writer.store, done, shard_rows)
+            start = done
+            while batch := reader.take(shard_rows):
+                n = num_rows(batch)
+                if rows is not None and start + n > rows:  # a store begun for a shorter pool
+                    raise IncompatibleFeaturesError(
+                        f"Cannot resume {str(store_dir)!r}: it holds features of a pool of {rows} rows and this pool "
+                        f"has more (the pool changed since the interrupted run). Use another store_dir, or delete "
+                        "this one to recompute.")
+                where = f"pool rows {start}.."
+                encoded = self.featurizer.encode(batch, where)
+                del batch  # only the encoded shard is needed from here
+                ok = self._scorable(encoded, where)
+                try:
+                    per_step = {c.step: self._pool_features([encoded[j] for j in ok], i, split=True).numpy()
+                                for i, c in enumerate(self.checkpoints)}
+                except NonFiniteFeatureError as e:
+                    raise e.at([start + ok[r] for r in e.rows], "the pool (dataset row indices)") from None
+                if len(ok) < len(encoded):  # skipped rows keep their place, with zero features
+                    for step, feats in per_step.items():
+                        full = np.zeros((len(encoded), feats.shape[1]), dtype=feats.dtype)
+                        full[ok] = feats
+                        per_step[step] = full
+                writer.write(per_step, encoded, skipped=sorted(set(range(len(encoded))) - set(ok)), rows_read=n)
+                start += n
+            if rows is not None and start < rows:
                 raise IncompatibleFeaturesError(
-                    f"Cannot resume {str(store_dir)!r}: it holds features of a pool of {rows} rows and this pool "
-                    f"has more (the pool changed since the interrupted run). Use another store_dir, or delete "
-                    "this one to recompute.")
-            where = f"pool rows {start}.."
-            encoded = self.featurizer.encode(batch, where)
-            del batch  # only the encoded shard is needed from here
-            ok = self._scorable(encoded, where)
-            try:
-                per_step = {c.step: self._pool_features([encoded[j] for j in ok], i, split=True).numpy()
-                            for i, c in enumerate(self.checkpoints)}
-            except NonFiniteFeatureError as e:
-                raise e.at([start + ok[r] for r in e.rows], "the pool (dataset row indices)") from None
-            if len(ok) < len(encoded):  # skipped rows keep their place, with zero features
-                for step, feats in per_step.items():
-                    full = np.zeros((len(encoded), feats.shape[1]), dtype=feats.dtype)
-                    full[ok] = feats
-                    per_step[step] = full
-            writer.write(per_step, encoded, skipped=sorted(set(range(len(encoded))) - set(ok)), rows_read=n)
-            start += n
-        if rows is not None and start < rows:
-            raise IncompatibleFeaturesError(
-                f"Cannot finish {str(store_dir)!r}: it was begun for a pool of {rows} rows and this pool has "
-                f"{start} (the pool changed since the interrupted run). Use another store_dir, or delete this one "
-                "to recompute.")
-        if done:
-            logger.info("Resumed %s: %d rows kept from the interrupted run, %d computed.", store_dir, done,
-                        start - done)
-        writer.close()
+                    f"Cannot finish {str(store_dir)!r}: it was begun for a pool of {rows} rows and this pool has "
+                    f"{start} (the pool changed since the interrupted run). Use another store_dir, or delete this one "
+                    "to recompute.")
+            if done:
+                logger.info("Resumed %s: %d rows kept from the interrupted run, %d computed.", store_dir, done,
+                            start - done)
+            writer.close()
         distributed.barrier()
         return writer.store
+
+    def _check_complete_store(self, store: FeatureStore, dataset) -> None:
+        """Refuse a complete store that lacks features for some row of ``dataset``, naming the fix."""
+        try:
+            self.store_rows(store, dataset)
+        except IncompatibleFeaturesError as e:
+            raise IncompatibleFeaturesError(
+                f"{e} The store is complete: delete {str(store.root)!r} (or choose another store_dir) and featurize "
+                "again.") from None
 
     def _check_resumed_rows(self, reader: RowReader, store: FeatureStore | None, done: int, chunk: int) -> None:
         """Read past the pool's first ``done`` rows, ``chunk`` at a time, refusing to resume a store
@@ -459,9 +498,55 @@ class LessSelector(TargetScorer):
 
             distributed.on_main(check)
 
-    def score_store(self, store: FeatureStore | str | os.PathLike, chunk_rows: int = 16384,
+    def store_rows(self, store: FeatureStore, pool: Any, chunk_rows: int = 4096) -> np.ndarray | None:
+        """The store row that holds each row of ``pool`` (matched by content key), or ``None`` when
+        the store's rows are the pool's rows in the same order.
+
+        Raises :class:`IncompatibleFeaturesError` naming the first row of ``pool`` that has no
+        features in ``store`` (the pool was edited, or the store is another pool's). Tokenizes the
+        pool, ``chunk_rows`` rows at a time (a small cost next to featurizing it).
+        """
+        if not store.keyed:
+            rows = known_rows(pool)
+            if rows is not None and rows != store.num_rows:
+                raise IncompatibleFeaturesError(
+                    f"The feature store {str(store.root)!r} holds {store.num_rows} rows and this pool has {rows}: "
+                    "they describe different pools. Featurize this pool into a new store.")
+            warnings.warn(f"The feature store {str(store.root)!r} has no content keys (written by an older hf-less): "
+                          "its rows cannot be checked against the pool and are taken in order. Featurize the pool "
+                          "again to have them checked.", stacklevel=3)
+            return None
+        stored = store.keys()
+        reader, start, parts = RowReader(pool, chunk_rows), 0, []
+        while batch := reader.take(chunk_rows):
+            parts.append(content_keys(self.featurizer.encode(batch, f"pool rows {start}..")))
+            start += num_rows(batch)
+        mine = np.concatenate(parts) if parts else np.zeros((0, 16), dtype=np.uint8)
+        if mine.shape == stored.shape and np.array_equal(mine, stored):
+            return None
+        index = store.key_index()
+        rows = np.array([index.get(k.tobytes(), -1) for k in mine], dtype=np.int64)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            raise IncompatibleFeaturesError(
+                f"The feature store {str(store.root)!r} holds features of another pool: {len(missing)} of the "
+                f"{len(mine)} rows of this pool (the first: row {int(missing[0])}) have no features in it (the pool "
+                "was edited or replaced after it was featurized). Scores are never attached by position: featurize "
+                "this pool (LessSelector.featurize into a new store_dir, or `hf-less featurize` after deleting "
+                "the store), or score the pool the store was made from.")
+        if len(mine) == len(stored):
+            logger.info("The pool's rows are the feature store's in another order: scores follow the pool's order.")
+        return rows
+
+    def score_store(self, store: FeatureStore | str | os.PathLike, pool: Any = None, chunk_rows: int = 16384,
                     precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
         """``(less_score (N,), less_sims (N, T))`` of a pool feature store against these targets.
+
+        With ``pool`` (the dataset the scores are for; any format ``featurize`` takes) the rows are
+        matched by content key: row ``i`` of the result is row ``i`` of ``pool``, whatever order the
+        store was written in, and a pool row without features in the store raises
+        :class:`IncompatibleFeaturesError` (see :meth:`store_rows`). Without ``pool``, rows are in
+        the store's order (those of ``store.keys()``).
 
         ``precision="bfloat16"`` multiplies in bfloat16 (about 3x faster on a CPU with bf16 units;
         each cosine within 2^-8 of its value plus 1e-4): see :func:`hf_less.scoring.similarity.weighted_sims`.
@@ -470,8 +555,14 @@ class LessSelector(TargetScorer):
         check_compatible(store.meta, self.identity)
         if not store.complete:
             raise ValueError(f"The feature store {str(store.root)!r} is incomplete; finish featurize() first.")
+        rows = None if pool is None else self.store_rows(store, pool)
         if self.hub.needs_statistics:  # the statistics of the pool scored
             self._fit_hub([(store, c.step) for c in self.checkpoints], chunk_rows)
+        scores, sims = self._score_store_rows(store, chunk_rows, precision)
+        return (scores, sims) if rows is None else (scores[rows], sims[rows])
+
+    def _score_store_rows(self, store: FeatureStore, chunk_rows: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of every store row, in store order."""
         arrays = [store.features(c.step) for c in self.checkpoints]
         n = len(arrays[0])
         scores = np.empty(n, dtype=np.float32)

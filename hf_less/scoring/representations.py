@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 
 from ..data import collate, detect_format, encode_batch, pad_token_id, padding_side
 from ..utils.identity import tokenizer_identity
-from .base import TargetScorer, fingerprint_of, load_causal_lm, register_datasets_hash, target_columns
 from ..selection.cosine import CosineSimilarity, pairwise_cosine  # noqa: F401 - part of this module's API
 from ..utils.tensors import normalize
+from .base import TargetScorer, check_batched, fingerprint_of, load_causal_lm, register_datasets_hash, target_columns
 from .similarity import less_score, subtask_index
 
 REPRESENTATIONS = ("rds", "embedding", "random")
@@ -260,6 +260,7 @@ class RepresentationSelector(TargetScorer):
     def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
         """Score a batch of pool examples: returns the score and per-target similarity columns."""
         columns = {k: v for k, v in batch.items() if k not in (self.score_column, self.sims_column)}
+        check_batched(columns, type(self).__name__)
         if not columns or not next(iter(columns.values())):
             return {self.score_column: [], self.sims_column: []}
         sims = self.features(columns) @ self.target_features.T

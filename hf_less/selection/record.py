@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.io import atomic_write_bytes, atomic_write_json
+from ..utils.io import atomic_save_npy, atomic_write_json
 
 SELECTION_FILE = "less_selection.json"
 SCORES_FILE = "less_scores.npy"
@@ -57,9 +56,7 @@ def save_selection(directory: str | os.PathLike, selection: Selection,
         pool_scores = np.asarray(pool_scores, dtype=np.float32)
         if pool_scores.shape != (selection.pool_size,):
             raise ValueError(f"pool_scores has shape {pool_scores.shape}, the pool has {selection.pool_size} rows.")
-        buf = io.BytesIO()
-        np.save(buf, pool_scores)
-        atomic_write_bytes(directory / SCORES_FILE, buf.getvalue())
+        atomic_save_npy(directory / SCORES_FILE, pool_scores)
     path = directory / SELECTION_FILE
     atomic_write_json(path, selection.to_dict())
     return path

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from ..data import n_scored
 from ..gradients import sharded
-from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of
+from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of, base_model_record, check_proj_dim
 from ..gradients.per_example import AdamMoments, parameter_key, trainable_parameters
 from ..gradients.projection import DEFAULT_KIND
 from ..gradients.state import LessCheckpoint, captured_dir, save_less_state
@@ -108,6 +108,8 @@ class LessCallback(TrainerCallback):
                  on_empty_completion: str = "error", autocast: bool = False, pool_direction: str = "adam"):
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.pool, self.targets = pool, targets
+        if self.captures:  # before training starts, not at the first save
+            check_proj_dim(proj_dim, proj_kind)
         self.capture_settings = dict(proj_dim=proj_dim, proj_kind=proj_kind, proj_seed=proj_seed,
                                      max_length=max_length, batch_size=batch_size,
                                      projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
@@ -124,6 +126,7 @@ class LessCallback(TrainerCallback):
         self._last_save_step = 0
         self._keys: dict[int, str] = {}
         self._fsdp = False  # set at train begin: moments are then gathered from the shards at every save
+        self._base_model: dict | None = None  # the frozen base model's identity, recorded in every LESS state
 
     @property
     def captures(self) -> bool:
@@ -137,6 +140,8 @@ class LessCallback(TrainerCallback):
             raise ValueError("LessCallback found no optimizer at train begin; it needs the Trainer's Adam.")
         check_adam(optimizer)
         self._fsdp = sharded.fsdp_enabled(args, model)
+        # The frozen base weights do not change during the warmup: identified once (a sharded model cannot be).
+        self._base_model = None if self._fsdp or model is None else base_model_record(model)
         if self._fsdp and self.captures:
             raise ValueError(sharded.FSDP_CAPTURE_REFUSAL)
         adapter = adapter_name_of(model)
@@ -228,7 +233,7 @@ class LessCallback(TrainerCallback):
             elif self.output_dir is not None and model is not None and hasattr(model, "save_pretrained"):
                 model.save_pretrained(ckpt)
             save_less_state(ckpt, moments, keys, mean_lr=sum(interval) / len(interval), global_step=step,
-                            lr_steps=len(interval), optimizer=type(opt).__name__)
+                            lr_steps=len(interval), optimizer=type(opt).__name__, base_model=self._base_model)
             logger.info("LESS state for step %d written to %s", step, ckpt)
         self._lrs = [(s, lr) for s, lr in self._lrs if s > step]
         self._last_save_step = step
@@ -297,12 +302,13 @@ class LessCallback(TrainerCallback):
                         "keyed": True, "rows": rows}
                 writer = StoreWriter(lambda: _fresh_store(captured_dir(ckpt, which), meta),
                                      f"LESS capture {which} (step {step})", self.capture_settings["show_progress"])
-                for chunk in self._shards(which, writer.done):
-                    # The featurizer advances a bar with a total only (it clips at the total).
-                    feats = self._featurizer(chunk, moments if which == "pool" else None, split=True,
-                                             progress=writer.bar if rows is not None else None)
-                    writer.write({step: feats.numpy()}, chunk)
-                writer.close()
+                with writer:  # an error lets go of the store (its lock), keeping what is written
+                    for chunk in self._shards(which, writer.done):
+                        # The featurizer advances a bar with a total only (it clips at the total).
+                        feats = self._featurizer(chunk, moments if which == "pool" else None, split=True,
+                                                 progress=writer.bar if rows is not None else None)
+                        writer.write({step: feats.numpy()}, chunk)
+                    writer.close()
                 captured += writer.written
         seconds = time.perf_counter() - start
         self.capture_seconds += seconds

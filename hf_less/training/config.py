@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from ..gradients.featurizer import POOL_DIRECTIONS
+from ..gradients.featurizer import POOL_DIRECTIONS, check_proj_dim
 from ..gradients.projection import DEFAULT_KIND, KIND_HELP
 from ..scoring.hubness import HUB_CORRECTIONS, HubCorrection
 from ..selection import strategies as selectors
@@ -109,6 +109,7 @@ class LessSFTConfig(SFTConfig):
             raise ValueError(f"less_on_empty_completion={self.less_on_empty_completion!r} must be 'error' or 'skip'.")
         if self.less_proj_dim < 0:
             raise ValueError(f"less_proj_dim={self.less_proj_dim} must be > 0, or 0 for exact gradients.")
+        check_proj_dim(self.less_projection_dim, self.less_proj_kind, "less_proj_dim")
 
     @property
     def less_budget_value(self) -> int | float:

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,11 @@ class LessSFTTrainer(SFTTrainer):
         """Warmup, featurize, score and select; sets ``selected_indices`` and the training set."""
         a: LessSFTConfig = self.args
         start = time.perf_counter()
+        # Several nodes: the warmup, the stores and the selection are written by the main process and read by all,
+        # so every process must see output_dir (and less_warmup_dir): refused at once otherwise, not after the warmup.
+        distributed.check_shared_directory(a.output_dir, "output_dir")
+        if a.less_warmup_dir:
+            distributed.check_same(_warmup_view(a.less_warmup_dir), f"the warmup checkpoints in {a.less_warmup_dir!r}")
         # The selection model first: a reused selection must have been made with the same weights and tokenizer.
         model, tokenizer = self._selection_model()
         settings = self._settings(model, tokenizer)
@@ -258,10 +264,17 @@ class LessSFTTrainer(SFTTrainer):
 
     def _order(self, selector: LessSelector, store, warmup_dir, settings) -> tuple[Selection, np.ndarray]:
         a: LessSFTConfig = self.args
-        scores, sims = selector.score_store(store) if store is not None else selector.score(self.pool)
+        scores, sims = selector.score_store(store, self.pool) if store is not None else selector.score(self.pool)
         k = selectors.resolve_budget(a.less_budget_value, len(self.pool))
         extra = {} if a.less_strategy in ("topk", "random") else {"sims": sims, "subtask_ids": selector.subtask_ids}
         order = selectors.order(a.less_strategy, scores, a.less_seed, **extra)[:k]
+        if 0 < len(order) < k:
+            message = (f"Only {len(order)} of the {len(self.pool)} pool rows can be selected (the others were skipped: "
+                       f"no completion token left after truncation to max_length={self._max_length()}), fewer than "
+                       f"the budget of {k} (less_budget={a.less_budget_value}): training on {len(order)} examples. "
+                       "Raise less_max_length / max_length, fix those rows, or lower less_budget.")
+            warnings.warn(message, UserWarning, stacklevel=2)
+            logger.warning(message)
         if len(order) == 0:
             raise ValueError("No pool example can be selected: every one was skipped (no completion token left "
                              "after truncation). Raise max_length / less_max_length, or check the pool's format.")
@@ -336,6 +349,14 @@ class LessSFTTrainer(SFTTrainer):
         if column is None:
             return self.target_dataset
         return {k: v for k, v in rows_of(self.target_dataset).items() if k != column}
+
+
+def _warmup_view(warmup_dir: str | os.PathLike) -> list[tuple[int, str]] | str:
+    """What this process sees of a warmup: its checkpoints' steps and digests, or why it cannot read them."""
+    try:
+        return [(c.step, c.digest) for c in find_checkpoints(warmup_dir)]
+    except (OSError, ValueError) as e:
+        return f"cannot read it ({type(e).__name__})"
 
 
 def _fresh_warmup_dir(out: Path, run: dict) -> None:

@@ -7,7 +7,12 @@ the single-process identity, so the same code runs everywhere.
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -70,3 +75,63 @@ def on_main(fn: Callable[[], T]) -> T:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+SHARED_PATH_FIX = ("Under several nodes every process must see the same files: give every node the same path on a "
+                   "shared filesystem (NFS, Lustre, a mounted bucket...), not a node-local disk.")
+
+
+def check_shared_directory(path: str | os.PathLike, what: str, wait: float = 5.0) -> None:
+    """Collective: refuse, on every process at once, a directory that not every process sees.
+
+    The main process writes a token file into ``path``; every process looks for it (for up to
+    ``wait`` seconds: a network filesystem may show a new file late); if one does not find it
+    (per-node directories on node-local disks), every process raises ``RuntimeError`` naming
+    the processes, their hosts and the fix. A no-op in a single process.
+    """
+    if not is_distributed():
+        return
+    path = Path(path)
+    token = None
+    if is_main_process():
+        try:
+            from .io import atomic_write_text
+
+            path.mkdir(parents=True, exist_ok=True)
+            token = f".hf_less_shared.{uuid.uuid4().hex}"
+            atomic_write_text(path / token, token)
+        except OSError as e:
+            token = RuntimeError(f"Cannot write to {what} {str(path)!r}: {e}")
+    token = broadcast(token)
+    if isinstance(token, Exception):
+        raise token
+    deadline = time.monotonic() + wait
+    while not (seen := _reads(path / token, token)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    views = all_gather((seen, socket.gethostname()))
+    barrier()  # every process has looked before the token goes
+    if is_main_process():
+        (path / token).unlink(missing_ok=True)
+    blind = [f"process {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise RuntimeError(f"{what} {str(path)!r} is not shared between the processes: {', '.join(blind)} cannot see "
+                           f"the files the main process writes there. {SHARED_PATH_FIX}")
+
+
+def _reads(path: Path, token: str) -> bool:
+    try:
+        with open(path) as f:  # an open, not a stat: NFS revalidates on open
+            return f.read() == token
+    except OSError:
+        return False
+
+
+def check_same(value: Any, what: str) -> None:
+    """Collective: refuse, on every process at once, a ``value`` that is not the same on every process."""
+    if not is_distributed():
+        return
+    values = all_gather(value)
+    odd = [r for r, v in enumerate(values) if v != values[0]]
+    if odd:
+        raise RuntimeError(f"The processes disagree on {what}: process(es) {odd} differ from process 0 "
+                           f"({values[odd[0]]!r} vs {values[0]!r}). {SHARED_PATH_FIX}")

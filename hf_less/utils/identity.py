@@ -48,21 +48,26 @@ def tokenizer_identity(tokenizer: Any) -> str | None:
     return _sha(json.dumps(parts, sort_keys=True, default=str))
 
 
-def weights_digest(model: torch.nn.Module, frozen_only: bool = False) -> str:
+def weights_digest(model: torch.nn.Module, frozen_only: bool = False, rounded: bool = False) -> str:
     """A checksum of the parameters of ``model`` (names, shapes, a strided sample and the sum).
 
     Every parameter by default: the model a selection is made with is often a plain, fully
     trainable base model. ``frozen_only``: the parameters without ``requires_grad`` (the base
     model under an adapter, as :func:`hf_less.gradients.featurizer.model_identity` identifies it).
+    ``rounded``: the sample rounded to bfloat16 and no sum, so the same weights loaded in float32
+    or bfloat16 have the same digest (other weights still differ, unless they differ below
+    bfloat16's precision only at every sampled coordinate).
     """
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         if frozen_only and p.requires_grad:
             continue
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+        sample = flat[:: max(1, flat.numel() // 4096)]
+        sample = (sample.to(torch.bfloat16) if rounded else sample).float().cpu().numpy()
         h.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())
-        h.update(np.float64(flat.double().sum().item()).tobytes())
+        if not rounded:
+            h.update(np.float64(flat.double().sum().item()).tobytes())
     return h.hexdigest()[:16]
 
 

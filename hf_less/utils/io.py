@@ -8,6 +8,7 @@ leaves the old content or the new one, never a torn file.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -45,8 +46,35 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: str | os.PathLike, obj, default=None) -> None:
+    """``obj`` as indented JSON with sorted keys, atomically; ``default`` as for :func:`json.dumps`."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n").encode())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` as UTF-8, atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def npy_bytes(array) -> bytes:
+    """The bytes of ``array`` as a ``.npy`` file (what :func:`numpy.save` writes)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    return buf.getvalue()
+
+
+def atomic_save_npy(path: str | os.PathLike, array) -> None:
+    """:func:`numpy.save`, atomically."""
+    atomic_write_bytes(path, npy_bytes(array))
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict) -> None:
+    """:func:`safetensors.torch.save_file`, atomically."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save(tensors))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -155,7 +155,9 @@ def test_resume_against_a_changed_stream_is_refused(sel, tmp_path, monkeypatch):
     # a store begun for 12 rows (a Dataset, or a finished stream) refuses a longer stream of the same first rows
     done = sel.featurize(stream(), store.root, shard_rows=SHARD_ROWS, dtype="float32")
     longer = POOL + [{"prompt": "add 1 1 =", "completion": " 2", "task": "math"}]
-    with pytest.raises(IncompatibleFeaturesError, match="pool of 12 rows and this pool has more"):
+    # (a complete store: its rows must cover the pool's, issue 23)
+    with pytest.raises(IncompatibleFeaturesError, match=r"another pool: 1 of the 13 rows of this pool \(the first: "
+                                                        r"row 12\).*The store is complete: delete"):
         sel.featurize(stream(longer), done.root, shard_rows=SHARD_ROWS, dtype="float32")
     with pytest.raises(IncompatibleFeaturesError, match="differ in rows"):  # both lengths known: refused at once
         sel.featurize(Dataset.from_list(longer), done.root, shard_rows=SHARD_ROWS, dtype="float32")

@@ -167,9 +167,8 @@ def test_store_scores_equal_map(tokenizer, warmup, pool, targets, tmp_path):
     other = make_selector(tokenizer, warmup, targets, proj_dim=64)
     with pytest.raises(IncompatibleFeaturesError, match="projection"):
         other.score_store(store)
-    other_model = make_selector(tokenizer, warmup, targets, seed=7, proj_dim=128)
-    with pytest.raises(IncompatibleFeaturesError, match="model"):
-        other_model.score_store(store)
+    with pytest.raises(IncompatibleFeaturesError, match="model"):  # refused at once: not the warmup's base model
+        make_selector(tokenizer, warmup, targets, seed=7, proj_dim=128)
 
 
 def test_bad_inputs(tokenizer, warmup, pool, targets):

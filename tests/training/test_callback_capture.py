@@ -106,14 +106,22 @@ def test_map_matches_rows_by_content_and_computes_the_rest(tokenizer, captured):
     assert got["less_score"][1] == by_prompt[POOL[0]["prompt"]]
 
 
-def test_other_settings_are_refused_never_mixed(tokenizer, captured):
-    with pytest.raises(IncompatibleFeaturesError, match="projection.*use_captured=False"):
-        selector(tokenizer, captured, proj_dim=32)
-    with pytest.raises(IncompatibleFeaturesError, match="model"):
+def test_other_settings_set_the_capture_aside_never_mix(tokenizer, captured, caplog):
+    """A capture made with other settings is set aside with a message and recomputed (it raised before, issue 23)."""
+    with caplog.at_level("WARNING", logger="hf_less.scoring.less"):
+        other = selector(tokenizer, captured, proj_dim=32)
+    assert not other.has_captured_pool
+    assert "Setting aside the captured pool features of checkpoint" in caplog.text and "dim: 64 vs 32" in caplog.text
+    assert "computed anew" in caplog.text
+    fresh = selector(tokenizer, captured, proj_dim=32, use_captured=False)
+    pool = Dataset.from_list(POOL[:4])
+    assert pool.map(other, batched=True)["less_sims"] == pool.map(fresh, batched=True)["less_sims"]
+    for a, b in zip(other.target_features, fresh.target_features):
+        torch.testing.assert_close(a, b)
+    assert all(FeatureStore(c.captured("pool")).complete for c in find_checkpoints(captured))  # left in place
+    with pytest.raises(IncompatibleFeaturesError, match="model"):  # another base model is still refused
         LessSelector(make_model(len(tokenizer), seed=5), captured, Dataset.from_list(TARGETS), tokenizer=tokenizer,
                      proj_dim=64, show_progress=False)
-    fresh = selector(tokenizer, captured, proj_dim=32, use_captured=False)
-    assert len(Dataset.from_list(POOL[:2]).map(fresh, batched=True)["less_score"]) == 2
 
 
 def test_empty_capture_dataset_is_refused(tmp_path, tokenizer):
