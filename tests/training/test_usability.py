@@ -15,16 +15,18 @@ def test_a_proj_dim_below_the_sparse_nnz_names_proj_dim(tokenizer, work, tmp_pat
     """The old error was about nnz, which the user never set."""
     with pytest.raises(ValueError, match=rf"^proj_dim={proj_dim} is too small for the sparse projection.*proj_dim must "
                                          r"be at least 4.*Use proj_dim >= 4"):
-        work_selector(tokenizer, work, proj_dim=proj_dim)
+        work_selector(tokenizer, work, proj_dim=proj_dim, proj_kind="sparse")
     with pytest.raises(ValueError, match=rf"less_proj_dim={proj_dim} is too small.*less_proj_dim must be at least 4"):
-        LessSFTConfig(output_dir=str(tmp_path), less_proj_dim=proj_dim, use_cpu=True, report_to=[])
+        LessSFTConfig(output_dir=str(tmp_path), less_proj_dim=proj_dim, less_proj_kind="sparse", use_cpu=True,
+                      report_to=[])
     with pytest.raises(ValueError, match=rf"proj_dim={proj_dim} is too small"):  # at construction, not at the first save
-        LessCallback(pool=POOL, proj_dim=proj_dim)
+        LessCallback(pool=POOL, proj_dim=proj_dim, proj_kind="sparse")
 
 
 def test_small_proj_dims_that_work_are_accepted(tokenizer, work, tmp_path):
-    assert work_selector(tokenizer, work, proj_dim=4).featurizer.dim == 4
+    assert work_selector(tokenizer, work, proj_dim=4, proj_kind="sparse").featurizer.dim == 4
     assert work_selector(tokenizer, work, proj_dim=2, proj_kind="rademacher").featurizer.dim == 2
+    assert work_selector(tokenizer, work, proj_dim=2).featurizer.dim == 2  # the row-shift default: any d >= 1
     LessSFTConfig(output_dir=str(tmp_path), less_proj_dim=0, use_cpu=True, report_to=[])  # exact features
     with pytest.raises(ValueError, match="proj_dim=-1 must be a positive int"):
         work_selector(tokenizer, work, proj_dim=-1)
