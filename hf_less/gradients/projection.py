@@ -361,7 +361,24 @@ class RandomProjector:
         return _project_whole(self, x)
 
 
-class SparseProjector:
+class _MatrixFreeProjector:
+    """What the matrix-free kinds share: each parameter slice projected as it is formed, in float32,
+    with the per-slice hashes cached up to ``cache_bytes``."""
+
+    # No matrix to amortise over rows: nothing to buffer.
+    buffered = False
+    compute_dtype = torch.float32
+    precision = "float32"
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Project whole vectors: ``(B, P) -> (B, proj_dim)``."""
+        return _project_whole(self, x)
+
+
+class SparseProjector(_MatrixFreeProjector):
     """The sparse JL projection: each coordinate added to ``nnz`` output coordinates with random signs.
 
     ``y = S x / sqrt(s)`` where column ``j`` of ``S`` (``d x P``) has one ``+-1`` in each of the ``s``
@@ -379,10 +396,6 @@ class SparseProjector:
     """
 
     kind = "sparse"
-    # No matrix to amortise: each slice is projected as it is formed.
-    buffered = False
-    compute_dtype = torch.float32
-    precision = "float32"
 
     def __init__(self, dim_in: int, proj_dim: int, seed: int = 0, nnz: int = SPARSE_NNZ,
                  cache_bytes: int = 2**30):
@@ -403,9 +416,6 @@ class SparseProjector:
         return self._cache.get((offset, n, str(device)), lambda: sparse_targets(
             self.seed, offset, n, self.proj_dim, self.nnz, device))
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     def project(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """The contribution of coordinates ``[offset, offset + n)``: ``(B, n) -> (B, d)`` float32.
 
@@ -420,10 +430,6 @@ class SparseProjector:
         for idx in self.targets(offset, n, x.device):
             acc.index_add_(1, idx, xs)
         return (acc[:, : self.proj_dim] - acc[:, self.proj_dim :]).mul_(self.scale)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Project whole vectors: ``(B, P) -> (B, proj_dim)``."""
-        return _project_whole(self, x)
 
 
 def rowshift_shifts(seed: int, row0: int, rows: int, proj_dim: int,
@@ -444,7 +450,7 @@ def rowshift_signs(seed: int, row0: int, rows: int, proj_dim: int, device: torch
     return expand_signs(words, proj_dim, dtype)
 
 
-class RowShiftProjector:
+class RowShiftProjector(_MatrixFreeProjector):
     """The row-shift sketch (see the module doc): ``y[(c + h_k) mod d] += s_{k,c} x[k d + c]``.
 
     As a matrix, column ``j = k d + c`` of ``S`` (``d x P``) has a single ``+-1`` at row
@@ -473,10 +479,6 @@ class RowShiftProjector:
 
     kind = "rowshift"
     METHODS = ("auto", "gather", "scatter")
-    # No matrix to amortise: each slice is projected as it is formed.
-    buffered = False
-    compute_dtype = torch.float32
-    precision = "float32"
 
     def __init__(self, dim_in: int, proj_dim: int, seed: int = 0, cache_bytes: int = 2**30, *,
                  method: str = "auto"):
@@ -527,9 +529,6 @@ class RowShiftProjector:
 
         return self._cache.get(("scatter", offset, n, str(device)), make)
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     def project(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """The contribution of coordinates ``[offset, offset + n)``: ``(B, n) -> (B, d)`` float32.
 
@@ -551,10 +550,6 @@ class RowShiftProjector:
         xs = xs.view(B, rows, d) * signs
         # out[b, p] = sum_k xs[b, k, (p - h_k) mod d]; the sum over k runs in a fixed order.
         return torch.gather(xs, 2, index.expand(B, rows, d)).sum(1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Project whole vectors: ``(B, P) -> (B, proj_dim)``."""
-        return _project_whole(self, x)
 
 
 def _check_slice(offset: int, n: int, dim_in: int) -> None:

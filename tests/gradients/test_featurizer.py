@@ -106,21 +106,25 @@ def test_cuda_features_match_the_cpu_with_auto_batch_size(tokenizer, encoded):
     assert ((bf16 * cpu).sum(1) > 0.99).all()
 
 
+def deterministic_runs(model, tokenizer, encoded, moments, kind, dim, batch_size, runs=2):
+    """Features of ``runs`` fresh featurizers (fresh caches) under ``torch.use_deterministic_algorithms(True)``."""
+    from hf_less.gradients.featurizer import Featurizer
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return [Featurizer(model, tokenizer, dim, proj_kind=kind, batch_size=batch_size, show_progress=False)(
+            encoded, moments) for _ in range(runs)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 @pytest.mark.parametrize("kind", ["rowshift", "sparse", "rademacher"])
 def test_two_runs_give_bitwise_equal_features_under_deterministic_algorithms(tokenizer, encoded, kind):
     """Determinism: fresh featurizers (fresh caches) on the same model give the same bits, and the path
     runs under ``torch.use_deterministic_algorithms(True)`` (nothing on it is flagged non-deterministic)."""
-    from hf_less.gradients.featurizer import Featurizer
-
     model = make_lora_model(tokenizer)
-    moments = random_moments(PerExampleGradients(model))
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [Featurizer(model, tokenizer, 256, proj_kind=kind, batch_size=3, show_progress=False)(encoded, moments)
-                for _ in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(before)
+    runs = deterministic_runs(model, tokenizer, encoded, random_moments(PerExampleGradients(model)), kind, 256, 3)
     assert torch.equal(runs[0], runs[1])
     assert torch.isfinite(runs[0]).all() and torch.allclose(runs[0].norm(dim=1), torch.ones(len(encoded)))
 
@@ -136,13 +140,7 @@ def test_cuda_features_are_bitwise_reproducible_and_match_the_cpu(tokenizer, enc
     model = make_lora_model(tokenizer)
     moments = random_moments(PerExampleGradients(model))
     cpu = Featurizer(model, tokenizer, 4096, proj_kind=kind, show_progress=False)(encoded, moments)
-    model.cuda()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [Featurizer(model, tokenizer, 4096, proj_kind=kind, batch_size=4, show_progress=False)(encoded, moments)
-                for _ in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(False)
+    runs = deterministic_runs(model.cuda(), tokenizer, encoded, moments, kind, 4096, 4)
     assert torch.equal(runs[0], runs[1])
     # Unit-norm features: float32 rounding of the gradients and of the sums, differently ordered.
     assert (runs[0] - cpu).abs().max() < 1e-4

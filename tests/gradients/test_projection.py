@@ -142,7 +142,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="Unknown projection kind 'count'"):
         make_projector(10, 4, "count")
     for kind in ("sparse", "rowshift"):
-        with pytest.raises(ValueError, match=f"use make_projector for 'sparse' or 'rowshift'"):
+        with pytest.raises(ValueError, match="use make_projector for 'sparse' or 'rowshift'"):
             RandomProjector(10, 4, kind=kind)
     with pytest.raises(ValueError, match="Unknown row-shift method 'loop'"):
         make_projector(10, 4, "rowshift", method="loop")
