@@ -97,8 +97,8 @@ def test_bad_hub_settings_name_the_fix(tokenizer, warmup, targets):  # noqa: F81
         make_selector(tokenizer, warmup, targets, proj_dim=64, hub_correction="center", hub_csls_reference=targets)
 
 
-def test_statistics_come_from_the_captured_pool_without_featurizing(  # noqa: F811 - pytest fixtures
-        tokenizer, pool, targets, tmp_path_factory, monkeypatch):
+def test_statistics_come_from_the_captured_pool_without_featurizing(
+        tokenizer, pool, targets, tmp_path_factory, monkeypatch):  # noqa: F811 - pytest fixtures
     from hf_less import LessCallback
     from hf_less.gradients.store import FeatureStore
     from tests.testing_utils import run_warmup
