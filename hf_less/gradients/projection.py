@@ -9,8 +9,9 @@ Four kinds, all with ``E[<Pi x, Pi y>] = <x, y>`` (Johnson-Lindenstrauss):
   an output; two of different rows share one with probability exactly ``1/d`` (CountSketch's rate),
   and the per-coordinate signs make those collisions cancel in expectation. The randomness is
   ``P / d`` shifts and the sign bits, generated from a hash on the compute device (no stored
-  index tensor), and the sum is a gather followed by an ordered reduction: no atomics, so the
-  result is bitwise reproducible on one device and equal to float32 rounding across devices.
+  index tensor). On CUDA the sum is a gather followed by an ordered reduction: no atomics, so the
+  result is bitwise reproducible there; on a CPU one ``index_add_`` (sequential, deterministic).
+  The two agree to float32 rounding.
 - ``"sparse"``: a sparse JL transform (Kane & Nelson 2014; GraSS, arXiv 2505.18976).
   Coordinate ``j`` of the gradient is added to :data:`SPARSE_NNZ` output coordinates, one in each
   of ``s`` equal slices of ``[0, d)``, with a random sign each, scaled by ``1/sqrt(s)``. Buckets
@@ -20,7 +21,8 @@ Four kinds, all with ``E[<Pi x, Pi y>] = <x, y>`` (Johnson-Lindenstrauss):
   Entry ``(j, c)`` is bit ``c mod 32`` of a 32-bit hash of ``(seed, j, c div 32)``, computed on the
   compute device (a counter-based generator: nothing is drawn on the host or copied, and the bits
   are the same on a CPU and on every GPU by construction). It costs ``2 P d`` flops per example
-  plus ``P d / 32`` hashes per generated block; blocks are cached up to ``cache_bytes``.
+  plus ``P d / 32`` hashes per generated block; blocks are cached up to ``cache_bytes``, and a
+  matrix larger than that is generated tile by tile and used at once (never held whole).
 - ``"gaussian"``: a dense standard Gaussian matrix drawn on the host from a CPU generator per
   block of :data:`BLOCK_ROWS` rows (floating-point transforms are not bit-identical across
   devices, so it is not generated on the device); for comparison with the reference only.
