@@ -94,6 +94,14 @@ class FeaturizeArguments:
     pool_direction: str = field(default="adam", metadata={
         "help": "Pool examples' features: adam (LESS's Adam direction) or sgd (the plain gradient)."})
     checkpoints: list[int] | None = field(default=None, metadata={"help": "Warmup steps to use (default: all)."})
+    store_dtype: str = field(default="float16", metadata={
+        "help": "Format of the pool's feature store: float16, float32, int8, int4 (per-row absmax scale) or 1bit "
+                "(signs); int8/int4/1bit take 2x/4x/16x less disk than float16."})
+
+    def __post_init__(self):
+        from ..gradients.quantize import check_format
+
+        self.store_dtype = check_format(self.store_dtype)  # a typo fails before the model is loaded
 
 
 @dataclass

@@ -55,7 +55,7 @@ def cmd_featurize(run, data, model_args, feat):
     model, tokenizer = load_model(model_args, run)
     rd = prepare_data(run, data, model_args, tokenizer)
     selector = make_selector(model, tokenizer, rd, layout, model_args, feat, run)
-    scores, _ = do_featurize(selector, rd, layout)
+    scores, _ = do_featurize(selector, rd, layout, feat.store_dtype)
     _say(f"featurize: {len(scores)} pool examples -> {layout.store}")
 
 
@@ -71,7 +71,8 @@ def cmd_select(run, data, model_args, feat, sel):
     if saved.exists():  # score with the projection and checkpoints the store was written with
         stored = json.loads(saved.read_text())
         feat = FeaturizeArguments(proj_dim=stored["proj_dim"], proj_kind=stored.get("proj_kind", "rademacher"),
-                                  pool_direction=stored.get("pool_direction", "adam"), checkpoints=stored["checkpoints"])
+                                  pool_direction=stored.get("pool_direction", "adam"), checkpoints=stored["checkpoints"],
+                                  store_dtype=stored.get("store_dtype", "float16"))
     selector = make_selector(model, tokenizer, rd, layout, model_args, feat, run)
     scores, sims = selector.score_store(layout.store)
     do_select(selector, np.asarray(scores), np.asarray(sims), rd, layout, sel, run)

@@ -154,7 +154,7 @@ def run_demo(run: RunArguments, data: DataArguments, model_args: ModelArguments,
     if not demo.no_scaling:
         _fit_pool_to_time(rd, layout, demo, sel, tr, clock, train_rate, len(selector.checkpoints))
     with clock.stage("pool features"):
-        scores, sims = do_featurize(selector, rd, layout)
+        scores, sims = do_featurize(selector, rd, layout, feat.store_dtype)
     with clock.stage("select"):
         sel.name = sel.name or "LESS"
         less_name, less_idx = do_select(selector, scores, sims, rd, layout, sel, run)

@@ -254,16 +254,16 @@ def _shard_rows(selector) -> int:
     return 32 if params * proj_dim * 2 <= 2**30 else 4096
 
 
-def do_featurize(selector, rd: RunData, layout: RunLayout):
-    """Pool features -> RUN_DIR/less_features/pool; target features and pool scores beside them."""
+def do_featurize(selector, rd: RunData, layout: RunLayout, dtype: str = "float16"):
+    """Pool features -> RUN_DIR/less_features/pool (store format ``dtype``); target features and pool scores beside them."""
     import numpy as np
 
-    selector.featurize(text_only(rd.pool), layout.store, shard_rows=_shard_rows(selector))
+    selector.featurize(text_only(rd.pool), layout.store, shard_rows=_shard_rows(selector), dtype=dtype)
     identity = getattr(selector, "identity", {})
     (layout.features / "featurize.json").write_text(json.dumps({
         "proj_dim": identity.get("dim") if identity.get("projection") else 0,
         "proj_kind": (identity.get("projection") or {}).get("kind", DEFAULT_KIND),
-        "pool_direction": identity.get("pool_direction", "adam"),
+        "pool_direction": identity.get("pool_direction", "adam"), "store_dtype": dtype,
         "checkpoints": [c.step for c in selector.checkpoints]}, indent=2))
     targets = getattr(selector, "target_features", None)
     if targets is not None:

@@ -2,10 +2,13 @@
 
 Layout of a store directory::
 
-    meta.json              what the features are: representation, model, checkpoints, projection, dtype,
-                           rows (null while a streamed pool's length is unknown; set by finish())
+    meta.json              what the features are: representation, model, checkpoints, projection, dtype
+                           (the row format: float32, float16, int8, int4 or 1bit; see
+                           :mod:`hf_less.gradients.quantize`), rows (null while a streamed pool's
+                           length is unknown; set by finish())
     manifest.json          the complete shards: rows and sha256 of every file (rewritten atomically)
-    step-<N>/shard-<k>.npy (rows_k, d) array for checkpoint step N
+    step-<N>/shard-<k>.npy (rows_k, d) float array for checkpoint step N, or for a quantized format
+                           (rows_k, row_bytes) uint8 packed rows (codes, then the row's scale)
     keys/shard-<k>.npy     (rows_k, 16) uint8 content keys of the rows (when meta["keyed"])
 
 A shard is listed in the manifest only after its files are fsynced and renamed into place, so
@@ -15,6 +18,12 @@ also checks every listed shard against its checksum (a bad one and those after i
 recomputed) and deletes what no manifest lists: leftover ``.*.tmp`` files and shard files
 renamed into place before the crash but never recorded. Reading is lazy: shards are
 ``np.load(mmap_mode="r")``-ed, so a pool larger than memory works.
+
+Formats: features are packed into the store's format as they are written (by
+``LessSelector.featurize`` and by ``LessCallback``'s capture alike); one store holds one format.
+:meth:`ShardedArray.read` and :meth:`ShardedArray.take` return decoded (dequantized) rows,
+:meth:`ShardedArray.cosine_rows` the unscaled codes that scoring multiplies, read with plain file
+reads (memory bounded by the chunk, not by the store).
 
 Rows a featurization skipped (no completion token, ``on_empty_completion="skip"``) keep their
 place with zero features and are listed in their shard's ``"skipped"`` (row offsets in the shard).
@@ -33,11 +42,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..utils import distributed
 from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256
 from .featurizer import content_keys
+from .quantize import QUANTIZED_FORMATS, check_format, cosine_rows, decode, encode, row_bytes, storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +64,10 @@ INFORMATIONAL_META = ("fingerprint",)
 # fills it, and ``None`` on either side matches any value on resume (rows are checked by content key).
 FILLED_AT_FINISH = ("rows",)
 _SHARD_RE = re.compile(r"^shard-\d+\.npy$")
+# The row layout of each quantized format (meta["quantization"]; see hf_less.gradients.quantize):
+# part of the store's identity, so a reader or a resume never mixes layouts.
+QUANTIZATION = {"int8": "row-absmax-int8+f32scale/v1", "int4": "row-absmax-int4x2+f32scale/v1",
+                "1bit": "sign-bits-lsb-first/v1"}
 
 
 class IncompatibleFeaturesError(ValueError):
@@ -78,40 +93,84 @@ def check_compatible(a: dict, b: dict, what: str = "pool and target features",
 
 
 class ShardedArray:
-    """A read-only ``(rows, d)`` array over memory-mapped shards."""
+    """A read-only ``(rows, d)`` array of features over memory-mapped shards in one store format.
 
-    def __init__(self, paths: list[Path]):
-        self._parts = [np.load(p, mmap_mode="r") for p in paths]
+    ``fmt`` is the store format (:mod:`hf_less.gradients.quantize`); ``None`` reads the shards'
+    arrays as they are. ``dim`` is ``d`` (needed for packed formats, whose rows are bytes).
+    """
+
+    def __init__(self, paths: list[Path], fmt: str | None = None, dim: int | None = None):
+        self.paths = list(paths)
+        self._parts = [np.load(p, mmap_mode="r") for p in self.paths]
         self._starts = np.cumsum([0] + [len(p) for p in self._parts])
-        dim = self._parts[0].shape[1] if self._parts else 0
-        self.shape = (int(self._starts[-1]), dim)
+        self.format = None if fmt is None else check_format(fmt)
+        width = self._parts[0].shape[1] if self._parts else 0
+        self.dim = int(dim) if dim is not None else width
+        for part, path in zip(self._parts, self.paths):
+            if fmt is not None and (part.dtype != storage_dtype(self.format)
+                                    or part.shape[1] * part.itemsize != row_bytes(self.format, self.dim)):
+                raise ValueError(f"Shard {path} holds {part.dtype} rows of {part.shape[1] * part.itemsize} bytes; "
+                                 f"a {self.format} store of d={self.dim} has {storage_dtype(self.format)} rows of "
+                                 f"{row_bytes(self.format, self.dim)}: the store is damaged.")
+        self.shape = (int(self._starts[-1]), self.dim)
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` as an in-memory array."""
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        return raw if self.format is None else decode(raw, self.format, self.dim)
+
+    def read_raw(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as stored (packed for quantized formats), read with plain file reads.
+
+        Unlike slicing the memory map, the file pages read do not stay mapped in this process:
+        its memory is the returned array's, however large the store.
+        """
         out = []
-        for part, s0 in zip(self._parts, self._starts[:-1]):
+        for part, path, s0 in zip(self._parts, self.paths, self._starts[:-1]):
             a, b = max(start, s0), min(stop, s0 + len(part))
             if a < b:
-                out.append(np.asarray(part[a - s0 : b - s0]))
+                buf = np.empty((b - a, *part.shape[1:]), dtype=part.dtype)
+                with open(path, "rb", buffering=0) as f:
+                    f.seek(part.offset + (a - s0) * buf[:1].nbytes)
+                    view, got = memoryview(buf).cast("B"), 0
+                    while got < buf.nbytes:
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise IOError(f"{path} ended early: the store is damaged (run verify()).")
+                        got += n
+                out.append(buf)
         if not out:
-            return np.zeros((0, self.shape[1]), dtype=self._parts[0].dtype if self._parts else np.float32)
-        return np.concatenate(out)
+            shape = (0, *self._parts[0].shape[1:]) if self._parts else (0, self.dim)
+            return np.zeros(shape, dtype=self._parts[0].dtype if self._parts else np.float32)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as an in-memory ``(n, d)`` array (quantized formats: dequantized float32)."""
+        return self._decode(self.read_raw(start, stop))
+
+    def cosine_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` as ``(n, d)`` float32, each a positive multiple of its feature row.
+
+        What cosine scoring needs, without dequantizing (see :func:`hf_less.gradients.quantize.cosine_rows`).
+        """
+        raw = self.read_raw(start, stop)
+        if self.format is None:
+            return torch.from_numpy(raw).float()
+        return cosine_rows(raw, self.format, self.dim)
 
     def take(self, rows: np.ndarray | list[int]) -> np.ndarray:
-        """The given rows (any order, repeats allowed) as an in-memory array."""
+        """The given rows (any order, repeats allowed) as an in-memory ``(n, d)`` array (decoded)."""
         rows = np.asarray(rows, dtype=np.int64)
         dtype = self._parts[0].dtype if self._parts else np.float32
-        out = np.empty((len(rows), self.shape[1]), dtype=dtype)
+        out = np.empty((len(rows), *(self._parts[0].shape[1:] if self._parts else (self.dim,))), dtype=dtype)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"Rows out of range for a store of {len(self)} rows.")
         part_of = np.searchsorted(self._starts, rows, side="right") - 1
         for p in np.unique(part_of):
             sel = part_of == p
             out[sel] = self._parts[p][rows[sel] - self._starts[p]]
-        return out
+        return self._decode(out)
 
     def chunks(self, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         for start in range(0, len(self), rows):
@@ -159,6 +218,9 @@ class FeatureStore:
         """
         root = Path(root)
         meta = {"store_version": STORE_VERSION, **meta}
+        meta["dtype"] = check_format(meta.get("dtype", "float16"))  # an unknown format fails before any write
+        if meta["dtype"] in QUANTIZED_FORMATS:
+            meta["quantization"] = QUANTIZATION[meta["dtype"]]
         if (root / META_FILE).exists():
             existing = json.loads((root / META_FILE).read_text())
             wanted = json.loads(json.dumps(meta))
@@ -166,9 +228,14 @@ class FeatureStore:
                            if k not in INFORMATIONAL_META and existing.get(k) != wanted.get(k)
                            and not (k in FILLED_AT_FINISH and None in (existing.get(k), wanted.get(k))))
             if diffs:
+                fix = "Use another directory, or delete this one to recompute."
+                if "dtype" in diffs:  # one store holds one format
+                    fix = (f"It is a {existing.get('dtype')} store and this run writes {wanted.get('dtype')}: resume "
+                           f"with dtype={existing.get('dtype')!r}, use another directory, or delete this one to "
+                           "recompute.")
                 raise IncompatibleFeaturesError(
                     f"{str(root)!r} already holds features computed with other settings (they differ in "
-                    f"{', '.join(diffs)}); use another directory, or delete this one to recompute.")
+                    f"{', '.join(diffs)}). {fix}")
             store = cls(root)
             if not store.complete:
                 store._recover()
@@ -222,6 +289,11 @@ class FeatureStore:
         return bool(self.manifest.get("complete"))
 
     @property
+    def format(self) -> str:
+        """The row format (``meta["dtype"]``): float32, float16, int8, int4 or 1bit."""
+        return check_format(self.meta.get("dtype", "float16"))
+
+    @property
     def keyed(self) -> bool:
         return bool(self.meta.get("keyed"))
 
@@ -249,7 +321,7 @@ class FeatureStore:
         if len(rows) != 1:
             raise ValueError("Every checkpoint's features in a shard must have the same number of rows.")
         k = len(self.manifest["shards"])
-        dtype = np.dtype(self.meta["dtype"])
+        fmt = self.format
         n = rows.pop()
         for arr in per_step.values():
             if arr.ndim != 2 or arr.shape[1] != self.meta["dim"]:
@@ -264,8 +336,8 @@ class FeatureStore:
         where = f"writing shard {k} of {str(self.root)!r}"
         files = {}
         for step, arr in per_step.items():
-            files[str(step)] = _disk_full_hint(self._save, f"step-{step}/shard-{k:06d}.npy",
-                                               np.ascontiguousarray(arr, dtype=dtype), where=where, store=self)
+            files[str(step)] = _disk_full_hint(self._save, f"step-{step}/shard-{k:06d}.npy", encode(arr, fmt),
+                                               where=where, store=self)
         shard = {"rows": n, "files": files}
         if keys is not None:
             shard["keys"] = _disk_full_hint(self._save, f"keys/shard-{k:06d}.npy", keys, where=where, store=self)
@@ -305,10 +377,11 @@ class FeatureStore:
         return np.asarray(out, dtype=np.int64)
 
     def features(self, step: int) -> ShardedArray:
-        """The ``(rows, d)`` features of checkpoint ``step``, memory-mapped."""
+        """The ``(rows, d)`` features of checkpoint ``step``, memory-mapped, decoded from the store's format."""
         if step not in self.steps:
             raise KeyError(f"No features for checkpoint step {step}; the store has {self.steps}.")
-        return ShardedArray([self.root / s["files"][str(step)]["name"] for s in self.manifest["shards"]])
+        return ShardedArray([self.root / s["files"][str(step)]["name"] for s in self.manifest["shards"]],
+                            fmt=self.format, dim=self.meta.get("dim"))
 
     def keys(self) -> np.ndarray:
         """``(rows, 16)`` uint8 content keys of a keyed store, in row order."""

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..data import detect_format, empty_rows
 from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, content_keys
 from ..gradients.projection import DEFAULT_KIND
+from ..gradients.quantize import check_format
 from ..gradients.state import LessCheckpoint, find_checkpoints
 from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, StoreWriter, check_compatible
 from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
@@ -307,9 +308,14 @@ class LessSelector(TargetScorer):
         with the same pool: each reads it, computes its share of every shard and the main process
         writes the store (and returns it; others return ``None``). Rows carry content keys, so a
         selector with the same settings reuses them by content.
+
+        ``dtype`` is the store format: ``"float16"`` (default), ``"float32"``, or a quantized one
+        packed as it is written, ``"int8"``, ``"int4"`` (per-row absmax scale) or ``"1bit"`` (signs);
+        see :mod:`hf_less.gradients.quantize`. A store is resumed only in its own format.
         """
         if int(shard_rows) < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}.")
+        dtype = check_format(dtype)  # an unknown format fails before any example is featurized
         shard_rows = int(shard_rows)
         reader = RowReader(dataset, shard_rows)
         columns = reader.columns()  # reads the first rows ahead: nothing is written before they are checked
@@ -390,6 +396,11 @@ class LessSelector(TargetScorer):
 
         ``precision="bfloat16"`` multiplies in bfloat16 (about 3x faster on a CPU with bf16 units;
         each cosine within 2^-8 of its value plus 1e-4): see :func:`hf_less.scoring.similarity.weighted_sims`.
+
+        The store is read ``chunk_rows`` rows at a time (memory: about ``chunk_rows * d * 4`` bytes
+        plus the result, whatever the pool size). A quantized store (int8, int4, 1bit) is scored
+        from its packed rows, unpacked one chunk at a time: the cosine of each decoded pool row with
+        the float target features (see :mod:`hf_less.gradients.quantize`).
         """
         store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         check_compatible(store.meta, self.identity)
@@ -399,13 +410,15 @@ class LessSelector(TargetScorer):
         n = len(arrays[0])
         scores = np.empty(n, dtype=np.float32)
         sims = np.empty((n, self.num_targets), dtype=np.float32)
-        weights = [c.weight for c in self.checkpoints]
         multi = self.subtask_ids if len(self.subtask_names) > 1 else None
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
-            # stored dtype in, float32 inside weighted_sims: torch converts on every core, numpy on one
-            pool = [torch.from_numpy(a.read(start, stop)) for a in arrays]
-            s = weighted_sims(pool, self.target_features, weights, precision)
+            s = None
+            # One checkpoint's chunk at a time, unpacked to float32 (integer codes or signs for a quantized
+            # store: each row's scale cancels in the cosine), multiplied with the float targets.
+            for a, t, c in zip(arrays, self.target_features, self.checkpoints):
+                part = weighted_sims([a.cosine_rows(start, stop)], [t], [c.weight], precision)
+                s = part if s is None else s.add_(part)
             sims[start:stop] = s.numpy()
             scores[start:stop] = less_score(s, multi).numpy()
         skipped = store.skipped_rows()

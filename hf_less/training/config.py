@@ -13,6 +13,7 @@ from trl import SFTConfig
 
 from ..gradients.featurizer import POOL_DIRECTIONS
 from ..gradients.projection import DEFAULT_KIND
+from ..gradients.quantize import check_format
 from ..selection import strategies as selectors
 
 
@@ -69,7 +70,9 @@ class LessSFTConfig(SFTConfig):
                 "precision of the model's weights, even when training uses bf16."})
     less_subtask_column: str | None = field(default=None, metadata={
         "help": "Column of the targets naming subtasks: the score is the max over subtasks of the mean similarity."})
-    less_store_dtype: str = field(default="float16", metadata={"help": "Storage dtype of the feature stores."})
+    less_store_dtype: str = field(default="float16", metadata={
+        "help": "Format of the feature stores: float16, float32, int8, int4 (per-row absmax scale) or 1bit (signs); "
+                "int8/int4/1bit take 2x/4x/16x less disk than float16."})
     less_on_empty_completion: str = field(default="error", metadata={
         "help": "An example with no completion token left after truncation: 'error' (stop and name it) or "
                 "'skip' (a pool example scores -inf and is never selected; a target example is dropped)."})
@@ -92,6 +95,10 @@ class LessSFTConfig(SFTConfig):
             raise ValueError(f"less_pool_direction={self.less_pool_direction!r} must be one of {POOL_DIRECTIONS}.")
         if self.less_on_empty_completion not in ("error", "skip"):
             raise ValueError(f"less_on_empty_completion={self.less_on_empty_completion!r} must be 'error' or 'skip'.")
+        try:
+            check_format(self.less_store_dtype)
+        except ValueError as e:
+            raise ValueError(f"less_store_dtype: {e}") from None
         if self.less_proj_dim < 0:
             raise ValueError(f"less_proj_dim={self.less_proj_dim} must be > 0, or 0 for exact gradients.")
 
