@@ -241,7 +241,7 @@ def dense_matrix(P, d, kind, seed, nnz=4):
 def naive_dequantized(x, fmt: str):
     """What a store of format ``fmt`` should decode ``(n, d)`` float rows to, row by row in float64.
 
-    int8 / int4: codes ``round(x / s)`` with ``s = max|x| / qmax`` (qmax 127 / 7), times ``s``;
+    int8 / int4: codes ``round(x / s)`` (float32, ties to even) with ``s = max|x| / qmax`` (qmax 127 / 7), times ``s``;
     1bit: ``+1 / sqrt(d)`` where ``x > 0``, else ``-1 / sqrt(d)``; float formats: a cast.
     """
     import numpy as np
@@ -249,14 +249,14 @@ def naive_dequantized(x, fmt: str):
     if fmt in ("float32", "float16"):
         return np.asarray(x, dtype=fmt)
     out = np.zeros(x.shape, dtype=np.float64)
-    for i, row in enumerate(np.asarray(x, dtype=np.float64)):
+    for i, row in enumerate(np.asarray(x, dtype=np.float32)):
         if fmt == "1bit":
             out[i] = np.where(row > 0, 1.0, -1.0) / math.sqrt(len(row))
             continue
         qmax = {"int8": 127, "int4": 7}[fmt]
-        s = float(np.float32(np.abs(row).max() / qmax))  # the scale is stored as a float32
+        s = np.float32(np.abs(row).max()) / np.float32(qmax)  # the scale is a float32, the division too
         if s > 0:
-            out[i] = np.clip(np.round(row / s), -qmax, qmax) * s
+            out[i] = np.clip(np.round(row / s), -qmax, qmax).astype(np.float64) * float(s)
     return out.astype(np.float32)
 
 

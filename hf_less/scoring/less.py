@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..data import detect_format, empty_rows
 from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, content_keys
 from ..gradients.projection import DEFAULT_KIND
-from ..gradients.quantize import check_format
+from ..gradients.quantize import IntTargets, check_format, integer_product
 from ..gradients.state import LessCheckpoint, find_checkpoints
 from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, StoreWriter, check_compatible
 from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
@@ -399,8 +399,9 @@ class LessSelector(TargetScorer):
 
         The store is read ``chunk_rows`` rows at a time (memory: about ``chunk_rows * d * 4`` bytes
         plus the result, whatever the pool size). A quantized store (int8, int4, 1bit) is scored
-        from its packed rows, unpacked one chunk at a time: the cosine of each decoded pool row with
-        the float target features (see :mod:`hf_less.gradients.quantize`).
+        from its packed rows, unpacked to int8 codes one chunk at a time and multiplied with the
+        targets in integers (``precision`` does not apply): the cosine of each decoded pool row with
+        the target features, within 1e-4 (see :mod:`hf_less.gradients.quantize`).
         """
         store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         check_compatible(store.meta, self.identity)
@@ -411,13 +412,18 @@ class LessSelector(TargetScorer):
         scores = np.empty(n, dtype=np.float32)
         sims = np.empty((n, self.num_targets), dtype=np.float32)
         multi = self.subtask_ids if len(self.subtask_names) > 1 else None
+        ints = integer_product(store.format, arrays[0].dim if arrays else 0)
+        targets = [IntTargets(t) for t in self.target_features] if ints else self.target_features
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
             s = None
-            # One checkpoint's chunk at a time, unpacked to float32 (integer codes or signs for a quantized
-            # store: each row's scale cancels in the cosine), multiplied with the float targets.
-            for a, t, c in zip(arrays, self.target_features, self.checkpoints):
-                part = weighted_sims([a.cosine_rows(start, stop)], [t], [c.weight], precision)
+            # One checkpoint's chunk at a time. A quantized store: its packed rows as int8 codes times the
+            # targets in integers; a float one: a float product (see hf_less.gradients.quantize).
+            for a, t, c in zip(arrays, targets, self.checkpoints):
+                if ints:
+                    part = t.cosines(a.read_raw(start, stop), store.format).mul_(float(c.weight))
+                else:
+                    part = weighted_sims([a.cosine_rows(start, stop)], [t], [c.weight], precision)
                 s = part if s is None else s.add_(part)
             sims[start:stop] = s.numpy()
             scores[start:stop] = less_score(s, multi).numpy()

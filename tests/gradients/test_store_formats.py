@@ -17,7 +17,9 @@ from hypothesis.extra import numpy as hnp
 
 from hf_less import LessCallback, LessSFTConfig
 from hf_less.cli.arguments import FeaturizeArguments
-from hf_less.gradients.quantize import STORE_FORMATS, cosine_rows, decode, encode, row_bytes, scales, store_bytes
+from hf_less.gradients.quantize import (
+    STORE_FORMATS, IntTargets, cosine_rows, decode, encode, row_bytes, scales, store_bytes,
+)
 from hf_less.gradients.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
 
 from tests.testing_utils import POOL, SHARD_ROWS, STEPS, assert_same_store, naive_dequantized
@@ -67,8 +69,8 @@ def test_every_format_scores_like_its_naive_dequantized_features(sel, reference,
     want_scores, want_sims = naive_scores(sel, deq)
     for chunk_rows in (16384, 4):  # one chunk, and chunks that cross shards
         scores, sims = sel.score_store(store, chunk_rows=chunk_rows)
-        np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sims, want_sims, rtol=0, atol=1e-4)  # the targets' 15-bit rounding
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-4)
     # and near the exact scores (how near is the format's business: a loose sanity bound)
     exact_sims = naive_scores(sel, exact)[1]
     assert np.abs(sims - exact_sims).max() < {"int8": 0.01, "int4": 0.1, "1bit": 0.5}[fmt]
@@ -95,7 +97,7 @@ def test_shard_files_hold_packed_rows(stores, fmt):
     d = store.meta["dim"]
     assert len(arr) == SHARD_ROWS and arr.nbytes == SHARD_ROWS * row_bytes(fmt, d)
     assert arr.dtype == (np.uint8 if fmt in QUANTIZED else np.dtype(fmt))
-    assert arr.nbytes == SHARD_ROWS * {"float32": 4 * d, "float16": 2 * d, "int8": d + 4, "int4": d // 2 + 4,
+    assert arr.nbytes == SHARD_ROWS * {"float32": 4 * d, "float16": 2 * d, "int8": d + 8, "int4": d // 2 + 8,
                                        "1bit": d // 8}[fmt]
 
 
@@ -157,7 +159,7 @@ def test_a_store_whose_rows_do_not_match_its_format_is_refused(stores, tmp_path)
     meta = json.loads((broken / "meta.json").read_text())
     meta["dtype"] = "int8"  # int4 rows read as int8 would be garbage
     (broken / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="holds uint8 rows of 36 bytes; a int8 store of d=64 has uint8 rows of 68: the store is damaged"):
+    with pytest.raises(ValueError, match="holds uint8 rows of 40 bytes; a int8 store of d=64 has uint8 rows of 72: the store is damaged"):
         FeatureStore(broken).features(STEPS[0])
 
 
@@ -191,6 +193,21 @@ def test_packing_round_trips(x):
     np.testing.assert_allclose(np.linalg.norm(bits, axis=1), 1.0, rtol=1e-6)
 
 
+@given(rows_strategy, st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_integer_product_gives_the_cosines_of_the_decoded_rows(x, n_targets, seed):
+    n, d = x.shape
+    targets = torch.from_numpy(np.random.default_rng(seed).standard_normal((n_targets, d))).float()
+    targets[0] = 0 if n_targets > 1 and seed % 3 == 0 else targets[0]  # a zero target: zero cosines
+    prepared = IntTargets(targets)
+    t = targets.double() / targets.double().norm(dim=1, keepdim=True).clamp_min(1e-300)
+    for fmt in ("int8", "int4", "1bit"):
+        deq = torch.from_numpy(naive_dequantized(x, fmt)).double()
+        want = (deq / deq.norm(dim=1, keepdim=True).clamp_min(1e-300)) @ t.T
+        got = prepared.cosines(encode(x, fmt), fmt)
+        assert got.shape == (n, n_targets) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-4)
+
+
 def test_bit_and_nibble_order_is_the_documented_one():
     x = np.zeros((1, 10), dtype=np.float32)
     x[0, [0, 3, 9]] = 1.0  # columns 0 and 3 in byte 0 (bits 0 and 3), column 9 in byte 1 (bit 1)
@@ -198,7 +215,7 @@ def test_bit_and_nibble_order_is_the_documented_one():
     y = np.array([[7, -7, 0]], dtype=np.float32)  # absmax 7 -> scale 1: codes 7, -7, 0 (+8), padding 8
     packed = encode(y, "int4")
     assert packed[0, :2].tolist() == [15 | (1 << 4), 8 | (8 << 4)]
-    assert packed[0, 2:].view("<f4").tolist() == [1.0]
+    assert packed[0, 2:6].view("<f4").tolist() == [1.0] and packed[0, 6:].view("<i4").tolist() == [98]
 
 
 def test_zero_rows_stay_zero():
