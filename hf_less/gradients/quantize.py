@@ -180,13 +180,15 @@ class IntTargets:
         self.hi = _row_major(hi.to(torch.int8).T)  # (d, T)
         self.lo = _row_major((u - 128 * hi).to(torch.int8).T)  # (d, T), |lo| <= 64
         self.dim = t.shape[1]
+        self._scale = self.scale.float()
 
     def cosines(self, rows: np.ndarray, fmt: str) -> torch.Tensor:
         """``(n, T)`` float32 cosines of the decoded packed ``rows`` with the targets."""
         q = _row_major(torch.from_numpy(int_codes(rows, fmt, self.dim)))
-        dots = torch._int_mm(q, self.hi).double().mul_(128).add_(torch._int_mm(q, self.lo).double())
-        norms = torch.from_numpy(code_norms(rows, fmt, self.dim)).clamp_min(1e-300)
-        return dots.mul_(self.scale[None, :]).div_(norms[:, None]).float()
+        # int32 sums, exact; their float32 combination keeps 24 bits, far below the targets' rounding
+        dots = torch._int_mm(q, self.hi).float().mul_(128).add_(torch._int_mm(q, self.lo).float())
+        norms = torch.from_numpy(code_norms(rows, fmt, self.dim).astype(np.float32)).clamp_min(1e-30)
+        return dots.mul_(self._scale[None, :]).div_(norms[:, None])
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:

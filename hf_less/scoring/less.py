@@ -7,6 +7,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data import detect_format, empty_rows
 from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, content_keys
 from ..gradients.projection import DEFAULT_KIND
-from ..gradients.quantize import IntTargets, check_format, integer_product
+from ..gradients.quantize import IntTargets, check_format, cosine_rows, integer_product
 from ..gradients.state import LessCheckpoint, find_checkpoints
 from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, StoreWriter, check_compatible
 from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
@@ -407,29 +408,63 @@ class LessSelector(TargetScorer):
         check_compatible(store.meta, self.identity)
         if not store.complete:
             raise ValueError(f"The feature store {str(store.root)!r} is incomplete; finish featurize() first.")
-        arrays = [store.features(c.step) for c in self.checkpoints]
-        n = len(arrays[0])
-        scores = np.empty(n, dtype=np.float32)
-        sims = np.empty((n, self.num_targets), dtype=np.float32)
-        multi = self.subtask_ids if len(self.subtask_names) > 1 else None
-        ints = integer_product(store.format, arrays[0].dim if arrays else 0)
-        targets = [IntTargets(t) for t in self.target_features] if ints else self.target_features
-        for start in range(0, n, chunk_rows):
-            stop = min(n, start + chunk_rows)
-            s = None
-            # One checkpoint's chunk at a time. A quantized store: its packed rows as int8 codes times the
-            # targets in integers; a float one: a float product (see hf_less.gradients.quantize).
-            for a, t, c in zip(arrays, targets, self.checkpoints):
-                if ints:
-                    part = t.cosines(a.read_raw(start, stop), store.format).mul_(float(c.weight))
-                else:
-                    part = weighted_sims([a.cosine_rows(start, stop)], [t], [c.weight], precision)
-                s = part if s is None else s.add_(part)
-            sims[start:stop] = s.numpy()
-            scores[start:stop] = less_score(s, multi).numpy()
-        skipped = store.skipped_rows()
-        scores[skipped], sims[skipped] = -np.inf, -np.inf  # no completion token: never selected
-        return scores, sims
+        return score_store(store, self.target_features, [c.step for c in self.checkpoints],
+                           [c.weight for c in self.checkpoints],
+                           self.subtask_ids if len(self.subtask_names) > 1 else None, chunk_rows, precision)
+
+
+def score_store(store: FeatureStore, target_features: Sequence[torch.Tensor], steps: Sequence[int],
+                weights: Sequence[float], subtask_ids: torch.Tensor | None = None, chunk_rows: int = 16384,
+                precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """The scoring loop of :meth:`LessSelector.score_store`, without the checks of the store's identity.
+
+    Args:
+        store: a complete pool feature store.
+        target_features: per checkpoint, ``(T, d)`` float target features.
+        steps, weights: per checkpoint, its step in the store and its weight ``w_i``.
+        subtask_ids: ``(T,)`` subtask of each target (``None``: one subtask).
+    Returns:
+        ``(less_score (N,), less_sims (N, T))`` float32; skipped rows ``-inf``.
+    """
+    arrays = [store.features(step) for step in steps]
+    n = len(arrays[0])
+    scores = np.empty(n, dtype=np.float32)
+    sims = np.empty((n, len(target_features[0])), dtype=np.float32)
+    ints = integer_product(store.format, arrays[0].dim)
+    targets = [IntTargets(t) for t in target_features] if ints else list(target_features)
+    fmt, dim = store.format, arrays[0].dim
+
+    # (chunk, checkpoint) pairs in reading order; the next pair's rows are read by a thread while this one's
+    # are multiplied (file reads release the GIL): scoring takes about the longer of the two, not their sum,
+    # and holds two checkpoints' chunks of stored rows at most.
+    units = [(start, i) for start in range(0, n, chunk_rows) for i in range(len(arrays))]
+
+    def read(u: int) -> np.ndarray:
+        start, i = units[u]
+        return arrays[i].read_raw(start, min(n, start + chunk_rows))
+
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(read, 0) if units else None
+        s: torch.Tensor | None = None
+        for u, (start, i) in enumerate(units):
+            raw = ahead.result()
+            if u + 1 < len(units):
+                ahead = reader.submit(read, u + 1)
+            # A quantized store: its packed rows as int8 codes times the targets in integers; a float one: a
+            # float product (see hf_less.gradients.quantize).
+            if ints:
+                part = targets[i].cosines(raw, fmt).mul_(float(weights[i]))
+            else:
+                part = weighted_sims([cosine_rows(raw, fmt, dim)], [targets[i]], [weights[i]], precision)
+            del raw
+            s = part if i == 0 else s.add_(part)
+            if i == len(arrays) - 1:
+                stop = min(n, start + chunk_rows)
+                sims[start:stop] = s.numpy()
+                scores[start:stop] = less_score(s, subtask_ids).numpy()
+    skipped = store.skipped_rows()
+    scores[skipped], sims[skipped] = -np.inf, -np.inf  # no completion token: never selected
+    return scores, sims
 
 
 register_datasets_hash(LessSelector, "hf_less.LessSelector")
