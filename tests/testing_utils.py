@@ -302,7 +302,8 @@ def trainer_config(out, **kw):
 
     base = dict(output_dir=str(out), less_budget=4, less_warmup_fraction=0.5, less_warmup_epochs=2,
                 less_warmup_learning_rate=2e-3, less_lora_r=4, less_lora_alpha=8, less_lora_dropout=0.1,
-                less_proj_dim=64, less_batch_size=4, less_store_dtype="float32", per_device_train_batch_size=4,
+                less_proj_dim=64, less_batch_size=4, less_store_dtype="float32", less_plan=False,
+                per_device_train_batch_size=4,
                 num_train_epochs=1, learning_rate=1e-3, use_cpu=True, bf16=False, report_to=[], max_length=64,
                 disable_tqdm=True, save_strategy="no", seed=0)
     return LessSFTConfig(**{**base, **kw})
@@ -349,6 +350,7 @@ def work_config(tmp_path, **kw):
     from hf_less import LessSFTConfig
 
     return LessSFTConfig(**{**dict(output_dir=str(tmp_path / "out"), less_budget=4, less_proj_dim=32, use_cpu=True,
+                                   less_plan=False,
                                    report_to=[], max_length=64, disable_tqdm=True), **kw})
 
 

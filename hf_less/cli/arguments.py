@@ -146,6 +146,18 @@ class EvaluateArguments:
 
 
 @dataclass
+class PlanArguments:
+    """What `hf-less plan` extrapolates to, and how long it measures."""
+
+    pool_size: int | None = field(default=None, metadata={
+        "help": "Project for a pool of this many examples, the run's pool (or --dataset) being a sample of their "
+                "lengths (default: the pool's own size)."})
+    measure_steps: int = field(default=4, metadata={
+        "help": "Timed batches per measurement (training steps, featurization), after one untimed batch."})
+    sample_size: int = field(default=256, metadata={"help": "Pool examples drawn at random to take batches from."})
+
+
+@dataclass
 class ReportArguments:
     """The Markdown + PNG report of a run."""
 

@@ -30,6 +30,7 @@ from .pipeline import (
     _write_run_info,
     do_evaluate,
     do_featurize,
+    do_plan,
     do_report,
     do_select,
     do_train,
@@ -141,6 +142,10 @@ def run_demo(run: RunArguments, data: DataArguments, model_args: ModelArguments,
     }
     _write_run_info(layout, target_task=rd.target_task, settings=settings,
                     title=f"hf-less demo: selecting for {rd.target_task!r}")
+    with clock.stage("plan"):  # a few measured batches: what each stage should take here
+        plan = do_plan(base, tokenizer, rd, layout, model_args, warm, feat, sel, tr, measure_steps=2, sample_size=64)
+    _say(plan.table())
+    _write_run_info(layout, plan={s.name: round(s.seconds, 1) for s in plan.stages})
 
     with clock.stage("warmup"):
         do_warmup(model, tokenizer, rd, layout, model_args, warm, run)
