@@ -14,9 +14,9 @@ int4       ceil(d/2) + 8   (4,104)      two codes in [-7, 7] per byte, ditto  q 
 ========== ============================ ==================================== ====================
 
 Scaling: int8 and int4 use per-row absmax scaling, ``scale = max_j |x_j| / qmax`` (qmax = 127 or
-7) and ``q = round(x / scale)`` (float32 division, ties to even); the row ends with the scale (little-endian float32) and the
-codes' squared norm ``sum_j q_j^2`` (little-endian int32, exact: what a cosine divides by). A
-zero row (a skipped example) has scale 0 and codes 0. 1bit keeps ``x_j > 0`` (a zero counts as
+7) and ``q = round(x / scale)`` (float32 division, ties to even); the row ends with the scale
+(little-endian float32) and the codes' squared norm ``sum_j q_j^2`` (little-endian int32, exact:
+what a cosine divides by). A zero row (a skipped example) has scale 0 and codes 0. 1bit keeps ``x_j > 0`` (a zero counts as
 negative) and decodes to the unit vector of signs, ``+-1 / sqrt(d)``: the features are unit
 vectors, and a cosine does not depend on a row's scale anyway. int4 codes are stored offset by 8
 (nibbles 1..15), the even column in the low nibble; 1bit packs column ``8 j + k`` into bit ``k``
@@ -27,8 +27,8 @@ int8 codes (int4 nibbles and 1bit signs through a byte lookup table) and multipl
 target features in integers (``torch._int_mm``, int32 accumulation, exact): each unit-norm target
 row is written as ``s * (128 h + l)`` with int8 ``h`` and ``l`` (15 bits, relative error below
 2^-14 of its largest value), so the product is two int8 matmuls, and the cosine divides by the
-stored code norm (a row's scale cancels in a cosine). On this project's 2-core CPU that is 5-10x
-faster than unpacking to float32 and a float matmul (docs/performance.md); rows wider than
+stored code norm (a row's scale cancels in a cosine). On this project's 2-core CPU that is several
+times faster than unpacking to float32 and a float matmul (docs/performance.md); rows wider than
 :data:`INT_MATMUL_MAX_DIM` (int32 could overflow) take the float path. Only the pool is
 quantized: the few target features are computed by the selector in float (QLESS, arXiv
 2502.01703, quantizes both sides and scores 1bit stores with the cosine of two sign vectors).

@@ -22,7 +22,7 @@ renamed into place before the crash but never recorded. Reading is lazy: shards 
 Formats: features are packed into the store's format as they are written (by
 ``LessSelector.featurize`` and by ``LessCallback``'s capture alike); one store holds one format.
 :meth:`ShardedArray.read` and :meth:`ShardedArray.take` return decoded (dequantized) rows,
-:meth:`ShardedArray.cosine_rows` the unscaled codes that scoring multiplies, read with plain file
+:meth:`ShardedArray.read_raw` the stored (packed) rows that scoring unpacks, read with plain file
 reads (memory bounded by the chunk, not by the store).
 
 Rows a featurization skipped (no completion token, ``on_empty_completion="skip"``) keep their
@@ -42,13 +42,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..utils import distributed
 from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256
 from .featurizer import content_keys
-from .quantize import QUANTIZED_FORMATS, check_format, cosine_rows, decode, encode, row_bytes, storage_dtype
+from .quantize import QUANTIZED_FORMATS, check_format, decode, encode, row_bytes, storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -148,16 +147,6 @@ class ShardedArray:
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as an in-memory ``(n, d)`` array (quantized formats: dequantized float32)."""
         return self._decode(self.read_raw(start, stop))
-
-    def cosine_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` as ``(n, d)`` float32, each a positive multiple of its feature row.
-
-        What cosine scoring needs, without dequantizing (see :func:`hf_less.gradients.quantize.cosine_rows`).
-        """
-        raw = self.read_raw(start, stop)
-        if self.format is None:
-            return torch.from_numpy(raw).float()
-        return cosine_rows(raw, self.format, self.dim)
 
     def take(self, rows: np.ndarray | list[int]) -> np.ndarray:
         """The given rows (any order, repeats allowed) as an in-memory ``(n, d)`` array (decoded)."""

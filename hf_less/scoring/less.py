@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data import detect_format, empty_rows
 from ..gradients.featurizer import Featurizer, NonFiniteFeatureError, adapter_name_of, content_key, content_keys
 from ..gradients.projection import DEFAULT_KIND
-from ..gradients.quantize import IntTargets, check_format, cosine_rows, integer_product
+from ..gradients.quantize import QUANTIZED_FORMATS, IntTargets, check_format, cosine_rows, integer_product
 from ..gradients.state import LessCheckpoint, find_checkpoints
 from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, StoreWriter, check_compatible
 from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
@@ -415,7 +415,7 @@ class LessSelector(TargetScorer):
 
 def score_store(store: FeatureStore, target_features: Sequence[torch.Tensor], steps: Sequence[int],
                 weights: Sequence[float], subtask_ids: torch.Tensor | None = None, chunk_rows: int = 16384,
-                precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+                precision: str = "float32", integer: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The scoring loop of :meth:`LessSelector.score_store`, without the checks of the store's identity.
 
     Args:
@@ -423,6 +423,8 @@ def score_store(store: FeatureStore, target_features: Sequence[torch.Tensor], st
         target_features: per checkpoint, ``(T, d)`` float target features.
         steps, weights: per checkpoint, its step in the store and its weight ``w_i``.
         subtask_ids: ``(T,)`` subtask of each target (``None``: one subtask).
+        integer: multiply a quantized store's codes in integers (``None``: whenever
+            :func:`hf_less.gradients.quantize.integer_product` allows), or unpack them to float32 (``False``).
     Returns:
         ``(less_score (N,), less_sims (N, T))`` float32; skipped rows ``-inf``.
     """
@@ -430,7 +432,8 @@ def score_store(store: FeatureStore, target_features: Sequence[torch.Tensor], st
     n = len(arrays[0])
     scores = np.empty(n, dtype=np.float32)
     sims = np.empty((n, len(target_features[0])), dtype=np.float32)
-    ints = integer_product(store.format, arrays[0].dim)
+    ints = (integer_product(store.format, arrays[0].dim) if integer is None
+            else bool(integer) and store.format in QUANTIZED_FORMATS)
     targets = [IntTargets(t) for t in target_features] if ints else list(target_features)
     fmt, dim = store.format, arrays[0].dim
 

@@ -21,6 +21,7 @@ from hf_less.gradients.quantize import (
     STORE_FORMATS, IntTargets, cosine_rows, decode, encode, row_bytes, scales, store_bytes,
 )
 from hf_less.gradients.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
+from hf_less.scoring.less import score_store
 
 from tests.testing_utils import POOL, SHARD_ROWS, STEPS, assert_same_store, naive_dequantized
 
@@ -71,6 +72,11 @@ def test_every_format_scores_like_its_naive_dequantized_features(sel, reference,
         scores, sims = sel.score_store(store, chunk_rows=chunk_rows)
         np.testing.assert_allclose(sims, want_sims, rtol=0, atol=1e-4)  # the targets' 15-bit rounding
         np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-4)
+    # the float path (codes unpacked to float32) gives the same cosines
+    steps, weights = [c.step for c in sel.checkpoints], [c.weight for c in sel.checkpoints]
+    float_scores, float_sims = score_store(store, sel.target_features, steps, weights, integer=False)
+    np.testing.assert_allclose(float_sims, want_sims, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(float_sims, sims, rtol=0, atol=1e-4)
     # and near the exact scores (how near is the format's business: a loose sanity bound)
     exact_sims = naive_scores(sel, exact)[1]
     assert np.abs(sims - exact_sims).max() < {"int8": 0.01, "int4": 0.1, "1bit": 0.5}[fmt]
