@@ -22,6 +22,7 @@ their measurement unless ``--keep``.
     python examples/bench/store_formats.py                                  # 10^5 rows, 4 formats
     python examples/bench/store_formats.py --million int4 1bit              # and 10^6 rows at int4, 1bit
     python examples/bench/store_formats.py --rows 20000 --formats int8 --targets 8   # a quick look
+    python examples/bench/store_formats.py --formats int8 int4 1bit --float_path     # integer vs float product
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def repeat_store(src: Path, dst: Path, times: int) -> float:
     return time.perf_counter() - start
 
 
-def child_score(root: str, targets: int, budget: float, chunk_rows: int) -> dict:
+def child_score(root: str, targets: int, budget: float, chunk_rows: int, integer: bool | None = None) -> dict:
     """In a fresh process: score the store against ``targets`` random targets, then select; time and memory."""
     import torch
 
@@ -147,7 +148,7 @@ def child_score(root: str, targets: int, budget: float, chunk_rows: int) -> dict
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM
     start = time.perf_counter()
-    scores, sims = score_store(store, feats, STEPS, weights, chunk_rows=chunk_rows)
+    scores, sims = score_store(store, feats, STEPS, weights, chunk_rows=chunk_rows, integer=integer)
     scored = time.perf_counter() - start
     k = int(budget * len(scores))
     t0 = time.perf_counter()
@@ -160,18 +161,22 @@ def child_score(root: str, targets: int, budget: float, chunk_rows: int) -> dict
             "extra_rss_mb": (_status_kib("VmHWM") - base) / 1024, "rss_before_mb": base / 1024}
 
 
-def measure(root: Path, fmt: str, rows: int, targets: list[int], budget: float, chunk_rows: int) -> list[dict]:
+def measure(root: Path, fmt: str, rows: int, targets: list[int], budget: float, chunk_rows: int,
+            float_path: bool = False) -> list[dict]:
     size = du(root)
     drop_cache(root)
     nbytes, secs = sequential_read(root)
     cold = nbytes / secs / 1e6
     _, warm_secs = sequential_read(root)  # now cached: what a warm page cache gives
     out = []
-    for t in targets:
+    paths = [False, True] if float_path and fmt in ("int8", "int4", "1bit") else [False]
+    for t, unpack in [(t, u) for t in targets for u in paths]:
         drop_cache(root)
         cmd = [sys.executable, __file__, "--_child", str(root), str(t), str(budget), str(chunk_rows)]
-        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        out.append({"format": fmt, "rows": rows, "targets": t, "size_gb": size / 1e9,
+        res = json.loads(subprocess.run(cmd + (["--_float"] if unpack else []), check=True, capture_output=True,
+                                        text=True).stdout.splitlines()[-1])
+        out.append({"format": fmt + (" (float path)" if unpack else ""), "rows": rows, "targets": t,
+                    "size_gb": size / 1e9,
                     "dd_cold_mb_s": cold, "dd_cached_mb_s": nbytes / warm_secs / 1e6,
                     "score_mb_s": nbytes / res["score_s"] / 1e6, **res})
         print(json.dumps(out[-1]), flush=True)
@@ -191,11 +196,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dir", default="/tmp/hf-less-store-bench")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--float_path", action="store_true",
+                   help="also score the quantized stores with their codes unpacked to float32 (integer=False)")
     p.add_argument("--_child", nargs=4, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_float", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
         root, t, budget, chunk = args._child
-        print(json.dumps(child_score(root, int(t), float(budget), int(chunk))))
+        print(json.dumps(child_score(root, int(t), float(budget), int(chunk), False if args._float else None)))
         return []
     base = Path(args.dir)
     if base.exists():
@@ -206,7 +214,7 @@ def main(argv=None) -> list[dict]:
         secs = write_store(root, fmt, args.rows, args.dim, args.shard_rows)
         print(f"# {fmt}: wrote {args.rows} rows x {len(STEPS)} checkpoints in {secs:.1f} s "
               f"({args.rows * len(STEPS) / secs:.0f} rows/s packed and written)", flush=True)
-        for r in measure(root, fmt, args.rows, args.targets, args.budget, args.chunk_rows):
+        for r in measure(root, fmt, args.rows, args.targets, args.budget, args.chunk_rows, args.float_path):
             results.append({**r, "write_s": secs})
         if fmt in args.million:
             big = base / f"{fmt}-{10 * args.rows}"

@@ -164,10 +164,13 @@ def test_demo_on_a_fake_bigbench(tiny, tmp_path, monkeypatch, capsys):
                      "--batch_size", "4", "--train_epochs", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "scaled to fit a small CPU" in out and "--proj_dim 512" in out and "--max_length 128" in out
+    # the plan, measured before the warmup starts
+    assert out.index("plan for a pool of 32 examples") < out.index("warmup: LoRA")
     assert re.search(r"LESS \(topk\) +4 examples: \d+% from the target task", out)
     assert re.search(r"random +4 examples: \d+% from the target task", out) and "done in" in out
     info = json.loads((run_dir / "run.json").read_text())
     summary = info["summary"]
+    assert set(info["plan"]) == {"warmup", "featurize", "scoring", "final training"}
     assert summary["pool"] == 32 and summary["pool_share"] == 0.25
     assert set(summary["losses"]) == {"zero-shot", "random", "LESS"}
     md = (run_dir / "report" / "report.md").read_text()
