@@ -10,7 +10,9 @@ chosen format) and extrapolates them to the pool's size:
 - scoring: ``score_store`` over the pool's rows (the rate measured on a synthetic store of the same
   format and d, read from the page cache: a store larger than memory is read at the disk's speed,
   which this does not measure);
-- final training: ``train epochs x ceil(selected rows / batch)`` steps of the same trainer.
+- final training: ``train epochs x ceil(selected rows / batch)`` steps of the same trainer, the
+  selected rows costing the pool's mean (which rows are kept is not known before; if they are
+  shorter or longer than the pool's average, so is the training).
 
 Rows are drawn at random from the pool (or a length sample of it), so the measured cost per example
 is the pool's mean; only ``measure_steps`` batches are timed, after one untimed batch (allocation,
@@ -26,6 +28,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,9 +86,9 @@ def _duration(seconds: float) -> str:
 
 
 class _StepClock:
-    """A TrainerCallback recording the wall time at the start of ``train()`` and at every step's end."""
+    """A TrainerCallback recording ``clock()`` at the start of ``train()`` and at every step's end."""
 
-    def __new__(cls):
+    def __new__(cls, clock: Callable[[], float] = time.perf_counter):
         from transformers import TrainerCallback
 
         class Clock(TrainerCallback):
@@ -93,22 +96,25 @@ class _StepClock:
                 self.begin, self.ends = 0.0, []
 
             def on_train_begin(self, args, state, control, **kwargs):
-                self.begin = time.perf_counter()
+                self.begin = clock()
 
             def on_step_end(self, args, state, control, **kwargs):
-                self.ends.append(time.perf_counter())
+                self.ends.append(clock())
 
         return Clock()
 
 
 def measure_training(model: torch.nn.Module, tokenizer, rows: list[dict], lora, batch_size: int, max_length: int,
                      steps: int, learning_rate: float = 2e-4, use_cpu: bool | None = None,
-                     sft_kwargs: dict | None = None) -> tuple[float, float, torch.nn.Module]:
+                     sft_kwargs: dict | None = None, clock: Callable[[], float] = time.perf_counter,
+                     ) -> tuple[float, float, torch.nn.Module]:
     """``(seconds per step, fixed seconds, trained LoRA model)`` of the warmup's trainer on a copy of ``model``.
 
-    Runs ``steps + 1`` optimizer steps of :class:`hf_less.training.warmup.WarmupSFTTrainer` (the
-    trainer of every warmup) on ``rows``; the first step is not timed. ``fixed`` is what ``train()``
-    costs beside its steps (start, end). ``model`` itself is not changed.
+    Runs ``2 * steps`` optimizer steps of :class:`hf_less.training.warmup.WarmupSFTTrainer` (the
+    trainer of every warmup) on ``steps`` batches of ``rows`` seen twice; the second pass is timed
+    (the first pays once for allocations and for each new batch shape, as a run's first steps do).
+    ``fixed`` is what ``train()`` costs beyond its steps at that rate (start, first steps, end).
+    ``model`` itself is not changed.
     """
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -117,35 +123,38 @@ def measure_training(model: torch.nn.Module, tokenizer, rows: list[dict], lora, 
     from .training.warmup import WarmupSFTTrainer
 
     work = copy.deepcopy(model)
-    n = batch_size * (steps + 1)
+    n = batch_size * steps * 2
     data = Dataset.from_list([rows[i % len(rows)] for i in range(n)])
     if use_cpu is None:
         use_cpu = next(model.parameters()).device.type == "cpu"
     with tempfile.TemporaryDirectory(prefix="hf-less-plan-") as out:
-        config = SFTConfig(output_dir=out, max_steps=steps + 1, per_device_train_batch_size=batch_size,
+        config = SFTConfig(output_dir=out, max_steps=2 * steps, per_device_train_batch_size=batch_size,
                            learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=0,
                            max_length=max_length, save_strategy="no", report_to=[], logging_steps=10**9,
                            use_cpu=use_cpu, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch",
                            **(sft_kwargs or {}))
-        clock = _StepClock()
+        steps_clock = _StepClock(clock)
         trainer = WarmupSFTTrainer(work, args=config, train_dataset=data, processing_class=tokenizer,
-                                   peft_config=lora, callbacks=[clock])
+                                   peft_config=lora, callbacks=[steps_clock])
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
-        start = time.perf_counter()
+        start = clock()
         trainer.train()
-        total = time.perf_counter() - start
-    per_step = (clock.ends[-1] - clock.ends[0]) / max(1, len(clock.ends) - 1)
-    fixed = max(0.0, total - (len(clock.ends)) * per_step)
+        total = clock() - start
+    ends = steps_clock.ends[steps - 1 :]  # the second pass over the rows: shapes seen, caches warm
+    per_step = (ends[-1] - ends[0]) / max(1, len(ends) - 1)
+    fixed = max(0.0, total - len(steps_clock.ends) * per_step)
     return per_step, fixed, trainer.model
 
 
 def measure_features(model: torch.nn.Module, tokenizer, rows: list[dict], batch_size: int, max_length: int,
-                     proj_dim: int | None, proj_kind: str, batches: int) -> tuple[float, float, torch.Tensor]:
-    """``(seconds per pool example, seconds per example to tokenize, features (n, d))`` at one checkpoint.
+                     proj_dim: int | None, proj_kind: str, batches: int,
+                     clock: Callable[[], float] = time.perf_counter) -> tuple[float, float, float, torch.Tensor]:
+    """``(seconds per pool example, per example to tokenize, fixed seconds, features (n, d))`` at one checkpoint.
 
     ``model`` is a LoRA model (a ``PeftModel``); the Adam moments are stand-ins of the right shapes
-    (the cost does not depend on their values). One untimed batch first.
+    (the cost does not depend on their values). The first batch is timed apart: what it costs beyond
+    a later batch (allocations, first calls) is paid once per stage.
     """
     from .data import n_scored
     from .gradients.featurizer import Featurizer
@@ -159,20 +168,24 @@ def measure_features(model: torch.nn.Module, tokenizer, rows: list[dict], batch_
     n = batch_size * (batches + 1)
     sample = [rows[i % len(rows)] for i in range(n)]
     columns = {k: [r[k] for r in sample] for k in sample[0]}
-    t0 = time.perf_counter()
+    t0 = clock()
     encoded = [e for e in feat.encode(columns, "the plan's sample") if n_scored(e[1])]
-    encode_s = (time.perf_counter() - t0) / n
+    encode_s = (clock() - t0) / n
     if len(encoded) <= batch_size:
         raise ValueError("The plan's sample has too few examples with a completion token to time featurization.")
-    feat(encoded[:batch_size], moments)  # untimed: first-call costs
+    t0 = clock()
+    feat(encoded[:batch_size], moments)  # the first call: its extra cost is the stage's fixed cost
+    first_s = clock() - t0
     timed = encoded[batch_size:]
-    t0 = time.perf_counter()
+    t0 = clock()
     features = feat(timed, moments)
-    return (time.perf_counter() - t0) / len(timed), encode_s, features
+    per_example = (clock() - t0) / len(timed)
+    return per_example, encode_s, max(0.0, first_s - batch_size * per_example), features
 
 
 def measure_store(features: torch.Tensor, fmt: str, checkpoints: int, shard_rows: int, targets: int,
-                  directory: str | None = None, rows: int = 8192) -> tuple[float, float]:
+                  directory: str | None = None, rows: int = 8192,
+                  clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     """``(seconds to write one shard of shard_rows rows, seconds to score one row)`` of a ``fmt`` store.
 
     Writes two shards (the rows repeat ``features``) with every checkpoint into a temporary store in
@@ -190,9 +203,9 @@ def measure_store(features: torch.Tensor, fmt: str, checkpoints: int, shard_rows
         store = FeatureStore.create(Path(tmp) / "write", meta)
         block = np.resize(f, (shard_rows, dim))
         store.write_shard({s: block for s in steps})  # untimed: first-call costs
-        t0 = time.perf_counter()
+        t0 = clock()
         store.write_shard({s: block for s in steps})
-        shard_s = time.perf_counter() - t0
+        shard_s = clock() - t0
         store = FeatureStore.create(Path(tmp) / "score", meta)
         big = np.resize(f, (min(rows, 4096), dim))
         for _ in range(0, rows, len(big)):
@@ -201,9 +214,9 @@ def measure_store(features: torch.Tensor, fmt: str, checkpoints: int, shard_rows
         g = torch.Generator().manual_seed(0)
         t = [torch.randn(targets, dim, generator=g) for _ in steps]
         score_store(store, t, steps, [1 / len(steps)] * len(steps), chunk_rows=4096)  # untimed
-        t0 = time.perf_counter()
+        t0 = clock()
         score_store(store, t, steps, [1 / len(steps)] * len(steps))
-        score_row = (time.perf_counter() - t0) / store.num_rows
+        score_row = (clock() - t0) / store.num_rows
     return shard_s, score_row
 
 
@@ -212,7 +225,8 @@ def plan_run(model: torch.nn.Module, tokenizer, pool: Any, *, pool_size: int | N
              warmup_fraction: float = 0.05, warmup_epochs: int = 4, budget: int | float = 0.05,
              train_epochs: int = 3, batch_size: int = 8, store_dtype: str = "float16", shard_rows: int = 4096,
              learning_rate: float = 2e-4, measure_steps: int = 4, sample_size: int = 256, seed: int = 0,
-             store_dir: str | None = None, capture: bool = False, sft_kwargs: dict | None = None) -> RunPlan:
+             store_dir: str | None = None, capture: bool = False, sft_kwargs: dict | None = None,
+             clock: Callable[[], float] = time.perf_counter) -> RunPlan:
     """Measure a few real batches of each stage on this device and project the run's time and disk.
 
     Args:
@@ -229,7 +243,11 @@ def plan_run(model: torch.nn.Module, tokenizer, pool: Any, *, pool_size: int | N
         sample_size: pool rows drawn at random to take the batches from.
         store_dir: a directory on the disk the store will be written to (the shard writes are timed there).
         capture: features captured during the warmup (``LessSFTTrainer``) rather than featurized after it.
-        sft_kwargs: further ``SFTConfig`` fields of the run's training (``bf16``, ``gradient_checkpointing`` ...).
+        sft_kwargs: further ``SFTConfig`` fields of the run's training (``bf16``, ``gradient_checkpointing`` ...):
+            give the run's own, since trl's ``SFTConfig`` turns activation checkpointing on by default
+            (a third more compute per step).
+        clock: what is measured: wall seconds (default), or e.g. ``time.process_time`` (CPU seconds of this
+            process, steadier on a machine shared with other jobs; the projection is then in CPU seconds).
     """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -253,16 +271,17 @@ def plan_run(model: torch.nn.Module, tokenizer, pool: Any, *, pool_size: int | N
     states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
     try:
         step_s, fixed_s, trained = measure_training(model, tokenizer, rows, lora, batch_size, max_length,
-                                                    measure_steps, learning_rate, sft_kwargs=sft_kwargs)
+                                                    measure_steps, learning_rate, sft_kwargs=sft_kwargs, clock=clock)
         # Featurized as LessSelector does it: the base model with the trained adapter put in, without the
         # trainer's wrappers (they would slow the per-example gradients down).
         fresh = get_peft_model(copy.deepcopy(model), lora)
         set_peft_model_state_dict(fresh, get_peft_model_state_dict(trained))
         del trained
-        ex_s, encode_s, feats = measure_features(fresh.eval(), tokenizer, rows, batch_size, max_length, proj_dim,
-                                                 proj_kind, measure_steps)
+        ex_s, encode_s, feat_fixed_s, feats = measure_features(fresh.eval(), tokenizer, rows, batch_size, max_length,
+                                                               proj_dim, proj_kind, measure_steps, clock)
         del fresh
-        shard_s, score_row_s = measure_store(feats, store_dtype, warmup_epochs, shard_rows, targets, store_dir)
+        shard_s, score_row_s = measure_store(feats, store_dtype, warmup_epochs, shard_rows, targets, store_dir,
+                                             clock=clock)
     finally:
         torch.set_rng_state(states[0])
         random.setstate(states[1])
@@ -274,7 +293,7 @@ def plan_run(model: torch.nn.Module, tokenizer, pool: Any, *, pool_size: int | N
     train_steps = train_epochs * math.ceil(k / batch_size)
     shards = math.ceil(n / shard_rows)  # each writes every checkpoint's rows (a capture: one store per checkpoint)
     encodes = n * (ckpts if capture else 1)  # the capture tokenizes the pool again at every checkpoint
-    feature_s = (n + targets) * ckpts * ex_s + shards * shard_s + encodes * encode_s
+    feature_s = feat_fixed_s + (n + targets) * ckpts * ex_s + shards * shard_s + encodes * encode_s
     d = feats.shape[1]
     stages = [
         Stage("warmup", fixed_s + warm_steps * step_s,
@@ -286,5 +305,6 @@ def plan_run(model: torch.nn.Module, tokenizer, pool: Any, *, pool_size: int | N
               f"{train_steps} steps x {step_s:.3g} s ({k} selected rows, {train_epochs} epochs)"),
     ]
     return RunPlan(stages, store_bytes(store_dtype, d, n, ckpts), store_dtype, n,
-                   {"step_s": step_s, "train_fixed_s": fixed_s, "feature_example_s": ex_s, "encode_example_s": encode_s,
+                   {"step_s": step_s, "train_fixed_s": fixed_s, "feature_example_s": ex_s,
+                    "feature_fixed_s": feat_fixed_s, "encode_example_s": encode_s,
                     "shard_write_s": shard_s, "score_row_s": score_row_s, "dim": d})

@@ -265,8 +265,12 @@ def shard_rows_for(kind: str | None, proj_dim: int, lora_params: int) -> int:
 
 def do_plan(model, tokenizer, rd: RunData, layout: RunLayout, model_args: ModelArguments, warm: WarmupArguments,
             feat: FeaturizeArguments, sel: SelectArguments, tr: TrainArguments, pool_size: int | None = None,
-            measure_steps: int = 4, sample_size: int = 256):
-    """The run's :class:`hf_less.planning.RunPlan`: a few real batches measured, extrapolated to the pool."""
+            measure_steps: int = 4, sample_size: int = 256, clock=None):
+    """The run's :class:`hf_less.planning.RunPlan`: a few real batches measured, extrapolated to the pool.
+
+    ``clock``: as for :func:`hf_less.planning.plan_run` (default: wall seconds)."""
+    from trl import SFTConfig
+
     from ..planning import plan_run
 
     kind = feat.proj_kind if feat.proj_dim else None
@@ -278,7 +282,9 @@ def do_plan(model, tokenizer, rd: RunData, layout: RunLayout, model_args: ModelA
                     budget=sel.budget, train_epochs=tr.train_epochs, batch_size=model_args.batch_size,
                     store_dtype=feat.store_dtype, shard_rows=shard_rows_for(kind, feat.proj_dim, lora_params),
                     learning_rate=warm.warmup_learning_rate, measure_steps=measure_steps, sample_size=sample_size,
-                    store_dir=str(layout.root) if layout.root.exists() else None)
+                    store_dir=str(layout.root) if layout.root.exists() else None,
+                    sft_kwargs=_checkpointing_kwargs(SFTConfig, model_args.gradient_checkpointing),
+                    **({} if clock is None else {"clock": clock}))
 
 
 def _lora_params(model, model_args: ModelArguments) -> int:

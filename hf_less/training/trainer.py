@@ -172,7 +172,9 @@ class LessSFTTrainer(SFTTrainer):
                         store_dtype=a.less_store_dtype, shard_rows=1024, learning_rate=a.less_warmup_learning_rate,
                         seed=a.less_seed, capture=not a.less_warmup_dir,
                         store_dir=a.output_dir if os.path.isdir(a.output_dir) else None,
-                        sft_kwargs={"bf16": a.bf16, "fp16": a.fp16})
+                        # the warmup's SFTConfig is this one's: the same precision and activation checkpointing
+                        sft_kwargs={k: getattr(a, k) for k in ("bf16", "fp16", "gradient_checkpointing",
+                                                                "activation_checkpointing") if hasattr(a, k)})
         logger.info("LESS %s", plan.table())
         return plan
 
