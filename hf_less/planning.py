@@ -15,8 +15,8 @@ chosen format) and extrapolates them to the pool's size:
   shorter or longer than the pool's average, so is the training).
 
 Rows are drawn at random from the pool (or a length sample of it), so the measured cost per example
-is the pool's mean; only ``measure_steps`` batches are timed, after one untimed batch (allocation,
-first-call costs). ``hf-less plan`` prints it, the demo prints it before it starts, and
+is the pool's mean; only ``measure_steps`` batches of each kind are timed, after untimed ones whose
+extra cost (allocations, first calls, new shapes) is added once per stage. ``hf-less plan`` prints it, the demo prints it before it starts, and
 ``LessSFTTrainer`` logs it at the start of ``train()``.
 """
 
@@ -239,7 +239,8 @@ def plan_run(model: torch.nn.Module, tokenizer, pool: Any, *, pool_size: int | N
         max_length, lora (a ``peft.LoraConfig``), proj_dim, proj_kind, warmup_fraction, warmup_epochs
             (= checkpoints), budget, train_epochs, batch_size, store_dtype, shard_rows, learning_rate:
             the run's settings.
-        measure_steps: timed batches per measurement (after one untimed); more is steadier.
+        measure_steps: batches timed per measurement: training steps (after as many untimed ones) and
+            featurization batches (after one untimed); more is steadier.
         sample_size: pool rows drawn at random to take the batches from.
         store_dir: a directory on the disk the store will be written to (the shard writes are timed there).
         capture: features captured during the warmup (``LessSFTTrainer``) rather than featurized after it.

@@ -178,7 +178,7 @@ def measure(root: Path, fmt: str, rows: int, targets: list[int], budget: float, 
         out.append({"format": fmt + (" (float path)" if unpack else ""), "rows": rows, "targets": t,
                     "size_gb": size / 1e9,
                     "dd_cold_mb_s": cold, "dd_cached_mb_s": nbytes / warm_secs / 1e6,
-                    "score_mb_s": nbytes / res["score_s"] / 1e6, **res})
+                    "score_mb_s": nbytes / res["score_s"] / 1e6, "load_avg_1min": os.getloadavg()[0], **res})
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -227,12 +227,12 @@ def main(argv=None) -> list[dict]:
             shutil.rmtree(root)
     print()
     print("| format | rows | size GB | targets | score_store s | topk s | round_robin s | extra RSS MB "
-          "| scoring MB/s | dd MB/s (cold) | scoring / dd |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| scoring MB/s | dd MB/s (cold) | scoring / dd | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['format']} | {r['rows']:,} | {r['size_gb']:.2f} | {r['targets']} | {r['score_s']:.1f} | "
               f"{r['topk_s']:.2f} | {r['round_robin_s']:.2f} | {r['extra_rss_mb']:.0f} | {r['score_mb_s']:.0f} | "
-              f"{r['dd_cold_mb_s']:.0f} | {r['score_mb_s'] / r['dd_cold_mb_s']:.0%} |")
+              f"{r['dd_cold_mb_s']:.0f} | {r['score_mb_s'] / r['dd_cold_mb_s']:.0%} | {r['load_avg_1min']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
