@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
