@@ -71,7 +71,9 @@ class RunPlan:
         for s in self.stages:
             lines.append(f"  {s.name:16s} {_duration(s.seconds):>10s}   {s.detail}")
         lines.append(f"  {'total':16s} {_duration(self.total_seconds):>10s}")
-        lines.append(f"  feature store    {self.store_bytes / 1e9:10.2f} GB   {self.store_format} "
+        size = (f"{self.store_bytes / 1e9:.2f} GB" if self.store_bytes >= 1e9
+                else f"{self.store_bytes / 1e6:.1f} MB")
+        lines.append(f"  {'feature store':16s} {size:>10s}   {self.store_format} "
                      "(pool features at every checkpoint, content keys)")
         return "\n".join(lines)
 
