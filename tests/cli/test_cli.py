@@ -35,6 +35,20 @@ def common(tiny, run_dir):
             "--batch_size", "4", "--lora_r", "4", "--quiet"]
 
 
+def test_plan_prints_each_stage_and_the_store_size(tiny, tmp_path, capsys):
+    from hf_less.gradients.quantize import store_bytes
+
+    run_dir = tmp_path / "run"
+    assert cli.main(["plan", *common(tiny, run_dir), "--pool_size", "1000000", "--store_dtype", "int4",
+                     "--proj_dim", "8192", "--warmup_epochs", "4", "--measure_steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "plan for a pool of 1,000,000 examples" in out
+    for stage in ("warmup", "featurize", "scoring", "final training", "total"):
+        assert re.search(rf"^  {stage} +[\d.]+ (s|min|h)", out, re.M), stage
+    assert f"{store_bytes('int4', 8192, 10**6, 4) / 1e9:.2f} GB   int4" in out  # 16.43 GB
+    assert "50000 rows, 4 epochs" in out  # 5% of the million
+
+
 def test_subcommands_end_to_end(tiny, tmp_path, capsys):
     run_dir = tmp_path / "run"
     layout = RunLayout(run_dir)
