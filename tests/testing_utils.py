@@ -256,6 +256,28 @@ def dense_matrix(P, d, kind, seed, nnz=4):
     return torch.cat(blocks) / math.sqrt(d)
 
 
+def naive_dequantized(x, fmt: str):
+    """What a store of format ``fmt`` should decode ``(n, d)`` float rows to, row by row in float64.
+
+    int8 / int4: codes ``round(x / s)`` (float32, ties to even) with ``s = max|x| / qmax`` (qmax 127 / 7), times ``s``;
+    1bit: ``+1 / sqrt(d)`` where ``x > 0``, else ``-1 / sqrt(d)``; float formats: a cast.
+    """
+    import numpy as np
+
+    if fmt in ("float32", "float16"):
+        return np.asarray(x, dtype=fmt)
+    out = np.zeros(x.shape, dtype=np.float64)
+    for i, row in enumerate(np.asarray(x, dtype=np.float32)):
+        if fmt == "1bit":
+            out[i] = np.where(row > 0, 1.0, -1.0) / math.sqrt(len(row))
+            continue
+        qmax = {"int8": 127, "int4": 7}[fmt]
+        s = np.float32(np.abs(row).max()) / np.float32(qmax)  # the scale is a float32, the division too
+        if s > 0:
+            out[i] = np.clip(np.round(row / s), -qmax, qmax).astype(np.float64) * float(s)
+    return out.astype(np.float32)
+
+
 # -- warmups ---------------------------------------------------------------------------------------------
 
 
@@ -298,7 +320,8 @@ def trainer_config(out, **kw):
 
     base = dict(output_dir=str(out), less_budget=4, less_warmup_fraction=0.5, less_warmup_epochs=2,
                 less_warmup_learning_rate=2e-3, less_lora_r=4, less_lora_alpha=8, less_lora_dropout=0.1,
-                less_proj_dim=64, less_batch_size=4, less_store_dtype="float32", per_device_train_batch_size=4,
+                less_proj_dim=64, less_batch_size=4, less_store_dtype="float32", less_plan=False,
+                per_device_train_batch_size=4,
                 num_train_epochs=1, learning_rate=1e-3, use_cpu=True, bf16=False, report_to=[], max_length=64,
                 disable_tqdm=True, save_strategy="no", seed=0)
     return LessSFTConfig(**{**base, **kw})
@@ -345,6 +368,7 @@ def work_config(tmp_path, **kw):
     from hf_less import LessSFTConfig
 
     return LessSFTConfig(**{**dict(output_dir=str(tmp_path / "out"), less_budget=4, less_proj_dim=32, use_cpu=True,
+                                   less_plan=False,
                                    report_to=[], max_length=64, disable_tqdm=True), **kw})
 
 

@@ -41,6 +41,7 @@ run the same command again to continue. Writes OUT/results.md (the table) and OU
         --budgets 0.01 0.05 0.1 --seeds 0 1 2 --examples_per_task 64 --epochs 4      # larger
     python examples/bench/selection_quality.py --transfer --quick     # transfer, about 30 min on 2 CPU cores
     python examples/bench/selection_quality.py --transfer             # transfer, 6 targets, a few CPU hours
+    python examples/bench/selection_quality.py --transfer --store_dtype int4   # the same from int4 features
     python examples/bench/selection_quality.py --transfer --distance --ablate warmup_epochs=1,4 proj_dim=2048,8192
     python examples/bench/selection_quality.py --transfer --target_set hubs --hub_corrections center pca csls sgd
 """
@@ -89,7 +90,8 @@ def capture_warmup(base, tokenizer, pool, targets, warm_dir: Path, args) -> Path
                        logging_steps=50, save_only_model=True, seed=0, disable_tqdm=True)
     capture = LessCallback(pool=pool, targets=targets, proj_dim=args.proj_dim, max_length=args.max_length,
                            batch_size=args.batch_size, proj_kind=getattr(args, "proj_kind", "sparse"),
-                           pool_direction=getattr(args, "pool_direction", "adam"))
+                           pool_direction=getattr(args, "pool_direction", "adam"),
+                           dtype=getattr(args, "store_dtype", "float16"))
     WarmupSFTTrainer(copy.deepcopy(base), args=config, train_dataset=warmup_subset(pool, args.warmup_fraction, seed=0),
                      processing_class=tokenizer, peft_config=lora, callbacks=[capture]).train()
     return warm_dir
@@ -334,8 +336,9 @@ def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dic
     digest = pool_digest(pool)
     if cache.exists():
         cached = dict(np.load(cache))
-        if str(cached.get("pool_digest")) != digest or list(dict.fromkeys(cached["target_task"])) != list(per_target):
-            raise SystemExit(f"{cache} was computed for another pool or other targets (different options); "
+        if (str(cached.get("pool_digest")) != digest or list(dict.fromkeys(cached["target_task"])) != list(per_target)
+                or str(cached.get("store_dtype", "float16")) != getattr(args, "store_dtype", "float16")):
+            raise SystemExit(f"{cache} was computed for another pool, other targets or another --store_dtype; "
                              "use another --out or delete that directory.")
         return cached
     from datasets import concatenate_datasets
@@ -366,6 +369,7 @@ def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dic
     seconds["ifd"] = time.time() - t
     result["target_task"] = np.asarray([t for t in names for _ in range(len(per_target[t][0]))])
     result["pool_digest"] = np.asarray(digest)
+    result["store_dtype"] = np.asarray(getattr(args, "store_dtype", "float16"))
     result["seconds"] = np.asarray([seconds[k] for k in (*REPRESENTATIONS, "ifd")])
     np.savez(cache, **result)
     return result
@@ -1041,6 +1045,10 @@ def main() -> None:
     p.add_argument("--warmup_lora_r", type=int, default=8, help="The LESS warmup's LoRA rank (alpha = 4 r).")
     p.add_argument("--proj_kind", default="sparse", help="LESS projection: sparse (default) or rademacher.")
     p.add_argument("--pool_direction", default="adam", help="LESS pool-side direction: adam (default) or sgd.")
+    p.add_argument("--store_dtype", default="float16",
+                   help="--transfer: format of the captured feature stores (float16, float32, int8, int4, 1bit; the "
+                        "capture stores pool and target features in it). Not float16: the default --out gets a "
+                        "_DTYPE suffix, so each format's cells are kept apart.")
     p.add_argument("--distance_budget", type=float, default=None,
                    help="--distance: the bin size k as a fraction of the pool (default: the first budget).")
     p.add_argument("--out", default=None, help="Default: out/selection_quality (in-pool), "
@@ -1087,11 +1095,14 @@ def main() -> None:
         p.error("--distance is an analysis of the transfer mode; add --transfer.")
     if (args.hub_corrections or args.target_set != "base" or args.pool_include) and not args.transfer:
         p.error("--target_set, --pool_include and --hub_corrections are options of the transfer mode; add --transfer.")
+    if args.store_dtype != "float16" and not args.transfer:
+        p.error("--store_dtype applies to the transfer mode's captured features; add --transfer.")
     quick = args.quick
     target_set = TARGET_SETS[args.target_set]
     defaults = {
         "out": "out/selection_quality" + ("_transfer" if args.transfer else "")
-               + ("" if args.target_set == "base" else f"_{args.target_set}") + ("_quick" if quick else ""),
+               + ("" if args.target_set == "base" else f"_{args.target_set}") + ("_quick" if quick else "")
+               + ("" if args.store_dtype == "float16" else f"_{args.store_dtype}"),
         "targets": list(target_set["quick"] if quick else target_set["targets"]) if args.transfer
         else ["sports_understanding", "object_counting"],
         "pool_include": list(target_set["pool_include"]),

@@ -1,6 +1,7 @@
 """``hf-less``: the command line. Every option comes from a dataclass read by ``HfArgumentParser``.
 
     hf-less demo                         # BIG-bench + SmolLM2-135M: the whole pipeline and a report
+    hf-less plan      --run_dir R        # measured batches -> projected time of each stage, disk of the store
     hf-less warmup    --run_dir R        # LoRA SFT with LessCallback on a random fraction of the pool
     hf-less featurize --run_dir R        # pool gradient features -> feature store (+ target features, scores)
     hf-less select    --run_dir R --strategy topk --budget 0.05   # -> R/selections/topk/less_selection.json
@@ -23,8 +24,8 @@ from collections.abc import Sequence
 
 # The application's modules, by role; the names below are the command line's public surface.
 from .arguments import (
-    DataArguments, DemoArguments, EvaluateArguments, FeaturizeArguments, ModelArguments, ReportArguments,
-    RunArguments, SelectArguments, TrainArguments, WarmupArguments,
+    DataArguments, DemoArguments, EvaluateArguments, FeaturizeArguments, ModelArguments, PlanArguments,
+    ReportArguments, RunArguments, SelectArguments, TrainArguments, WarmupArguments,
 )
 from .commands import COMMANDS
 from .pipeline import RunData, do_warmup, prepare_data, run_layout, sft_train, text_only
@@ -32,6 +33,7 @@ from .progress import _library_bars_off, _say, examples_progress
 
 __all__ = [
     "COMMANDS", "DataArguments", "DemoArguments", "EvaluateArguments", "FeaturizeArguments", "ModelArguments",
+    "PlanArguments",
     "ReportArguments", "RunArguments", "RunData", "SelectArguments", "TrainArguments", "WarmupArguments",
     "do_warmup", "examples_progress", "main", "parse", "prepare_data", "run_layout", "sft_train", "text_only",
 ]

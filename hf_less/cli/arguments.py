@@ -100,11 +100,16 @@ class FeaturizeArguments:
     hub_csls_k: int = field(default=10, metadata={
         "help": "--hub_correction csls: nearest targets a pool row's penalty is averaged over "
                 "(at most --num_targets)."})
+    store_dtype: str = field(default="float16", metadata={
+        "help": "Format of the pool's feature store: float16, float32, int8, int4 (per-row absmax scale) or 1bit "
+                "(signs); int8/int4/1bit take 2x/4x/16x less disk than float16."})
 
     def __post_init__(self):
+        from ..gradients.quantize import check_format
         from ..scoring.hubness import HubCorrection
 
         HubCorrection(self.hub_correction, self.hub_pca_components, csls_k=self.hub_csls_k)  # refuse bad values early
+        self.store_dtype = check_format(self.store_dtype)  # a typo fails before the model is loaded
 
 
 @dataclass
@@ -146,6 +151,18 @@ class EvaluateArguments:
         "help": "Also the task metric: multiple-choice accuracy by option log-likelihood when the held-out rows "
                 "have BIG-bench options, else exact match of greedy answers."})
     max_new_tokens: int = field(default=32, metadata={"help": "Generation length for exact match."})
+
+
+@dataclass
+class PlanArguments:
+    """What `hf-less plan` extrapolates to, and how long it measures."""
+
+    pool_size: int | None = field(default=None, metadata={
+        "help": "Project for a pool of this many examples, the run's pool (or --dataset) being a sample of their "
+                "lengths (default: the pool's own size)."})
+    measure_steps: int = field(default=4, metadata={
+        "help": "Timed batches per measurement (training steps, featurization), after one untimed batch."})
+    sample_size: int = field(default=256, metadata={"help": "Pool examples drawn at random to take batches from."})
 
 
 @dataclass

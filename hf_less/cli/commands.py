@@ -12,6 +12,7 @@ from .arguments import (
     EvaluateArguments,
     FeaturizeArguments,
     ModelArguments,
+    PlanArguments,
     ReportArguments,
     RunArguments,
     SelectArguments,
@@ -23,6 +24,7 @@ from .pipeline import (
     _write_run_info,
     do_evaluate,
     do_featurize,
+    do_plan,
     do_report,
     do_select,
     do_train,
@@ -56,7 +58,7 @@ def cmd_featurize(run, data, model_args, feat):
     model, tokenizer = load_model(model_args, run)
     rd = prepare_data(run, data, model_args, tokenizer)
     selector = make_selector(model, tokenizer, rd, layout, model_args, feat, run)
-    scores, _ = do_featurize(selector, rd, layout)
+    scores, _ = do_featurize(selector, rd, layout, feat.store_dtype)
     _say(f"featurize: {len(scores)} pool examples -> {layout.store}")
 
 
@@ -73,7 +75,7 @@ def cmd_select(run, data, model_args, feat, sel):
         stored = json.loads(saved.read_text())
         feat = FeaturizeArguments(proj_dim=stored["proj_dim"], proj_kind=stored.get("proj_kind", "rademacher"),
                                   pool_direction=stored.get("pool_direction", "adam"),
-                                  checkpoints=stored["checkpoints"],
+                                  checkpoints=stored["checkpoints"], store_dtype=stored.get("store_dtype", "float16"),
                                   # scoring options: this command's own, not the store's
                                   hub_correction=feat.hub_correction, hub_pca_components=feat.hub_pca_components,
                                   hub_csls_k=feat.hub_csls_k)
@@ -96,6 +98,15 @@ def cmd_evaluate(run, data, model_args, ev):
     do_evaluate(model, tokenizer, rd, layout, model_args, ev, run, show_baselines=True)
 
 
+def cmd_plan(run, data, model_args, warm, feat, sel, tr, plan_args):
+    layout = run_layout(run)
+    model, tokenizer = load_model(model_args, run)
+    rd = prepare_data(run, data, model_args, tokenizer)
+    plan = do_plan(model, tokenizer, rd, layout, model_args, warm, feat, sel, tr, plan_args.pool_size,
+                   plan_args.measure_steps, plan_args.sample_size)
+    print(plan.table())
+
+
 def cmd_report(run, rep):
     layout = run_layout(run)
     path = do_report(layout, rep, _task_column(layout))
@@ -106,6 +117,10 @@ COMMANDS: dict[str, tuple[str, tuple[type, ...], Any]] = {
     "demo": ("The whole pipeline on BIG-bench with SmolLM2-135M, scaled to finish in minutes on a CPU.",
              (RunArguments, DataArguments, ModelArguments, WarmupArguments, FeaturizeArguments, SelectArguments,
               TrainArguments, DemoArguments), lambda *a: run_demo(*a)),
+    "plan": ("Measure a few real training and featurization batches on this device and print the projected wall "
+             "time of each stage (warmup, featurize, scoring, final training) and the feature store's disk.",
+             (RunArguments, DataArguments, ModelArguments, WarmupArguments, FeaturizeArguments, SelectArguments,
+              TrainArguments, PlanArguments), cmd_plan),
     "warmup": ("LoRA SFT with LessCallback on a random fraction of the pool -> RUN_DIR/less_warmup.",
                (RunArguments, DataArguments, ModelArguments, WarmupArguments), cmd_warmup),
     "featurize": ("Pool gradient features at every warmup checkpoint -> RUN_DIR/less_features.",

@@ -31,6 +31,7 @@ from .pipeline import (
     _write_run_info,
     do_evaluate,
     do_featurize,
+    do_plan,
     do_report,
     do_select,
     do_train,
@@ -142,6 +143,10 @@ def run_demo(run: RunArguments, data: DataArguments, model_args: ModelArguments,
     }
     _write_run_info(layout, target_task=rd.target_task, settings=settings,
                     title=f"hf-less demo: selecting for {rd.target_task!r}")
+    with clock.stage("plan"):  # a few measured batches: what each stage should take here
+        plan = do_plan(base, tokenizer, rd, layout, model_args, warm, feat, sel, tr, measure_steps=2, sample_size=64)
+    _say(plan.table())
+    _write_run_info(layout, plan={s.name: round(s.seconds, 1) for s in plan.stages})
 
     with clock.stage("warmup"):
         do_warmup(model, tokenizer, rd, layout, model_args, warm, run)
@@ -155,7 +160,7 @@ def run_demo(run: RunArguments, data: DataArguments, model_args: ModelArguments,
     if not demo.no_scaling:
         _fit_pool_to_time(rd, layout, demo, sel, tr, clock, train_rate, len(selector.checkpoints))
     with clock.stage("pool features"):
-        scores, sims = do_featurize(selector, rd, layout)
+        scores, sims = do_featurize(selector, rd, layout, feat.store_dtype)
     with clock.stage("select"):
         sel.name = sel.name or "LESS"
         less_name, less_idx = do_select(selector, scores, sims, rd, layout, sel, run)

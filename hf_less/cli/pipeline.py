@@ -177,10 +177,17 @@ def _checkpointing_kwargs(config_cls, enabled: bool) -> dict:
     return {"gradient_checkpointing": enabled}
 
 
+def lora_config(model_args: ModelArguments):
+    """The run's LoRA adapter (``peft.LoraConfig``) from the model options."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules=list(model_args.lora_target_modules), task_type="CAUSAL_LM")
+
+
 def sft_train(model, tokenizer, dataset, output_dir: str | os.PathLike, model_args: ModelArguments, run: RunArguments,
               epochs: int, learning_rate: float, save_each_epoch: bool, callbacks=(), desc: str = "training"):
     """trl SFTTrainer with a LoRA adapter; returns the trainer (the model holds the trained adapter)."""
-    from peft import LoraConfig
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig
 
@@ -197,10 +204,8 @@ def sft_train(model, tokenizer, dataset, output_dir: str | os.PathLike, model_ar
         use_cpu=_device(run) == "cpu", dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch",
         **_checkpointing_kwargs(SFTConfig, model_args.gradient_checkpointing),
     )
-    lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-                      target_modules=list(model_args.lora_target_modules), task_type="CAUSAL_LM")
     trainer = WarmupSFTTrainer(model, args=config, train_dataset=text_only(dataset), processing_class=tokenizer,
-                                peft_config=lora, callbacks=list(callbacks))
+                                peft_config=lora_config(model_args), callbacks=list(callbacks))
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # the examples/s bar shows the loss instead
     trainer.add_callback(examples_progress(desc, disable=run.quiet))
@@ -253,23 +258,62 @@ def _shard_rows(selector) -> int:
     or exact features) or it stays cached between shards; large ones otherwise, since each shard would
     regenerate the whole matrix."""
     projection = (getattr(selector, "identity", None) or {}).get("projection") or {}
-    if projection.get("kind") in (None, *MATRIX_FREE_KINDS):
-        return 32
-    proj_dim = projection.get("dim") or 0
     params = sum(p.numel() for p in selector.model.parameters() if p.requires_grad)
-    return 32 if params * proj_dim * 2 <= 2**30 else 4096
+    return shard_rows_for(projection.get("kind"), projection.get("dim") or 0, params)
 
 
-def do_featurize(selector, rd: RunData, layout: RunLayout):
-    """Pool features -> RUN_DIR/less_features/pool; target features and pool scores beside them."""
+def shard_rows_for(kind: str | None, proj_dim: int, lora_params: int) -> int:
+    """The featurize shard size of :func:`_shard_rows` for a projection ``kind`` (None: exact) of ``proj_dim``."""
+    if kind in (None, *MATRIX_FREE_KINDS):
+        return 32
+    return 32 if lora_params * proj_dim * 2 <= 2**30 else 4096
+
+
+def do_plan(model, tokenizer, rd: RunData, layout: RunLayout, model_args: ModelArguments, warm: WarmupArguments,
+            feat: FeaturizeArguments, sel: SelectArguments, tr: TrainArguments, pool_size: int | None = None,
+            measure_steps: int = 4, sample_size: int = 256, clock=None):
+    """The run's :class:`hf_less.planning.RunPlan`: a few real batches measured, extrapolated to the pool.
+
+    ``clock``: as for :func:`hf_less.planning.plan_run` (default: wall seconds)."""
+    from trl import SFTConfig
+
+    from ..planning import plan_run
+
+    kind = feat.proj_kind if feat.proj_dim else None
+    lora_params = _lora_params(model, model_args)
+    return plan_run(model, tokenizer, text_only(rd.pool), pool_size=pool_size, targets=len(rd.targets),
+                    max_length=model_args.max_length, lora=lora_config(model_args), proj_dim=feat.proj_dim or None,
+                    proj_kind=feat.proj_kind, warmup_fraction=warm.warmup_fraction,
+                    warmup_epochs=len(feat.checkpoints) if feat.checkpoints else warm.warmup_epochs,
+                    budget=sel.budget, train_epochs=tr.train_epochs, batch_size=model_args.batch_size,
+                    store_dtype=feat.store_dtype, shard_rows=shard_rows_for(kind, feat.proj_dim, lora_params),
+                    learning_rate=warm.warmup_learning_rate, measure_steps=measure_steps, sample_size=sample_size,
+                    store_dir=str(layout.root) if layout.root.exists() else None,
+                    sft_kwargs=_checkpointing_kwargs(SFTConfig, model_args.gradient_checkpointing),
+                    **({} if clock is None else {"clock": clock}))
+
+
+def _lora_params(model, model_args: ModelArguments) -> int:
+    """Trainable parameters of the run's LoRA on ``model``: r x (in + out) per adapted linear layer."""
+    import torch
+
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in model_args.lora_target_modules:
+            total += model_args.lora_r * (module.in_features + module.out_features)
+    return total
+
+
+def do_featurize(selector, rd: RunData, layout: RunLayout, dtype: str = "float16"):
+    """Pool features -> RUN_DIR/less_features/pool (store format ``dtype``); target features and pool scores beside them."""
     import numpy as np
 
-    selector.featurize(text_only(rd.pool), layout.store, shard_rows=_shard_rows(selector))
+    selector.featurize(text_only(rd.pool), layout.store, shard_rows=_shard_rows(selector), dtype=dtype)
     identity = getattr(selector, "identity", {})
     atomic_write_json(layout.features / "featurize.json", {
         "proj_dim": identity.get("dim") if identity.get("projection") else 0,
         "proj_kind": (identity.get("projection") or {}).get("kind", DEFAULT_KIND),
-        "pool_direction": identity.get("pool_direction", "adam"),
+        "pool_direction": identity.get("pool_direction", "adam"), "store_dtype": dtype,
         "checkpoints": [c.step for c in selector.checkpoints]})
     targets = getattr(selector, "target_features", None)
     if targets is not None:

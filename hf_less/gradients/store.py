@@ -2,10 +2,13 @@
 
 Layout of a store directory::
 
-    meta.json              what the features are: representation, model, checkpoints, projection, dtype,
-                           rows (null while a streamed pool's length is unknown; set by finish())
+    meta.json              what the features are: representation, model, checkpoints, projection, dtype
+                           (the row format: float32, float16, int8, int4 or 1bit; see
+                           :mod:`hf_less.gradients.quantize`), rows (null while a streamed pool's
+                           length is unknown; set by finish())
     manifest.json          the complete shards: rows and sha256 of every file (rewritten atomically)
-    step-<N>/shard-<k>.npy (rows_k, d) array for checkpoint step N
+    step-<N>/shard-<k>.npy (rows_k, d) float array for checkpoint step N, or for a quantized format
+                           (rows_k, row_bytes) uint8 packed rows (codes, then the row's scale)
     keys/shard-<k>.npy     (rows_k, 16) uint8 content keys of the rows (when meta["keyed"])
 
 A shard is listed in the manifest only after its files are fsynced and renamed into place, so
@@ -23,6 +26,12 @@ store and the holder named, so it never runs the recovery above over another wri
 files. The kernel drops the lock of a killed process, so a crash never leaves a store locked.
 Opening a complete store checks every listed file against the manifest (present, inside the
 store, of the recorded size); reading the content keys checks their checksums (16 bytes a row).
+
+Formats: features are packed into the store's format as they are written (by
+``LessSelector.featurize`` and by ``LessCallback``'s capture alike); one store holds one format.
+:meth:`ShardedArray.read` and :meth:`ShardedArray.take` return decoded (dequantized) rows,
+:meth:`ShardedArray.read_raw` the stored (packed) rows that scoring unpacks, read with plain file
+reads (memory bounded by the chunk, not by the store).
 
 Rows a featurization skipped (no completion token, ``on_empty_completion="skip"``) keep their
 place with zero features and are listed in their shard's ``"skipped"`` (row offsets in the shard).
@@ -53,6 +62,7 @@ except ImportError:  # Windows: no advisory locks; one writer per store is then 
 from ..utils import distributed
 from ..utils.io import atomic_write_bytes, atomic_write_json, file_sha256, npy_bytes
 from .featurizer import content_keys
+from .quantize import QUANTIZED_FORMATS, check_format, decode, encode, row_bytes, storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +81,10 @@ LOCK_FILE = ".writer.lock"
 _SHARD_RE = re.compile(r"^shard-\d+\.npy$")
 # Every file a manifest may list: a read never leaves the store's directory.
 _LISTED_RE = re.compile(r"(step-\d+|keys)/shard-\d+\.npy")
+# The row layout of each quantized format (meta["quantization"]; see hf_less.gradients.quantize):
+# part of the store's identity, so a reader or a resume never mixes layouts.
+QUANTIZATION = {"int8": "row-absmax-int8+f32scale/v1", "int4": "row-absmax-int4x2+f32scale/v1",
+                "1bit": "sign-bits-lsb-first/v1"}
 
 
 class IncompatibleFeaturesError(ValueError):
@@ -167,44 +181,81 @@ def check_compatible(a: dict, b: dict, what: str = "pool and target features",
 
 
 class ShardedArray:
-    """A read-only ``(rows, d)`` array over memory-mapped shards."""
+    """A read-only ``(rows, d)`` array of features over memory-mapped shards in one store format.
 
-    def __init__(self, paths: list[Path], shapes: list[tuple[int, int]] | None = None):
-        self._parts = [np.load(p, mmap_mode="r") for p in paths]
-        for p, part, shape in zip(paths, self._parts, shapes or []):
-            if part.shape != tuple(shape):
-                raise CorruptStoreError(f"{str(p)!r} holds a {part.shape} array; its store's manifest says "
-                                        f"{tuple(shape)}. The store is damaged: delete it and featurize again.")
+    ``fmt`` is the store format (:mod:`hf_less.gradients.quantize`); ``None`` reads the shards'
+    arrays as they are. ``dim`` is ``d`` (needed for packed formats, whose rows are bytes).
+    ``rows``: each shard's row count as its manifest records it (checked: a damaged store is refused).
+    """
+
+    def __init__(self, paths: list[Path], fmt: str | None = None, dim: int | None = None,
+                 rows: list[int] | None = None):
+        self.paths = list(paths)
+        self._parts = [np.load(p, mmap_mode="r") for p in self.paths]
+        for path, part, n in zip(self.paths, self._parts, rows or []):
+            width = dim if fmt is None else row_bytes(fmt, dim) // storage_dtype(fmt).itemsize
+            if part.shape != (n, width):
+                raise CorruptStoreError(f"{str(path)!r} holds a {part.shape} array; its store's manifest says "
+                                        f"{(n, width)}. The store is damaged: delete it and featurize again.")
         self._starts = np.cumsum([0] + [len(p) for p in self._parts])
-        dim = self._parts[0].shape[1] if self._parts else 0
-        self.shape = (int(self._starts[-1]), dim)
+        self.format = None if fmt is None else check_format(fmt)
+        width = self._parts[0].shape[1] if self._parts else 0
+        self.dim = int(dim) if dim is not None else width
+        for part, path in zip(self._parts, self.paths):
+            if fmt is not None and (part.dtype != storage_dtype(self.format)
+                                    or part.shape[1] * part.itemsize != row_bytes(self.format, self.dim)):
+                raise ValueError(f"Shard {path} holds {part.dtype} rows of {part.shape[1] * part.itemsize} bytes; "
+                                 f"a {self.format} store of d={self.dim} has {storage_dtype(self.format)} rows of "
+                                 f"{row_bytes(self.format, self.dim)}: the store is damaged.")
+        self.shape = (int(self._starts[-1]), self.dim)
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` as an in-memory array."""
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        return raw if self.format is None else decode(raw, self.format, self.dim)
+
+    def read_raw(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as stored (packed for quantized formats), read with plain file reads.
+
+        Unlike slicing the memory map, the file pages read do not stay mapped in this process:
+        its memory is the returned array's, however large the store.
+        """
         out = []
-        for part, s0 in zip(self._parts, self._starts[:-1]):
+        for part, path, s0 in zip(self._parts, self.paths, self._starts[:-1]):
             a, b = max(start, s0), min(stop, s0 + len(part))
             if a < b:
-                out.append(np.asarray(part[a - s0 : b - s0]))
+                buf = np.empty((b - a, *part.shape[1:]), dtype=part.dtype)
+                with open(path, "rb", buffering=0) as f:
+                    f.seek(part.offset + (a - s0) * buf[:1].nbytes)
+                    view, got = memoryview(buf).cast("B"), 0
+                    while got < buf.nbytes:
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise IOError(f"{path} ended early: the store is damaged (run verify()).")
+                        got += n
+                out.append(buf)
         if not out:
-            return np.zeros((0, self.shape[1]), dtype=self._parts[0].dtype if self._parts else np.float32)
-        return np.concatenate(out)
+            shape = (0, *self._parts[0].shape[1:]) if self._parts else (0, self.dim)
+            return np.zeros(shape, dtype=self._parts[0].dtype if self._parts else np.float32)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as an in-memory ``(n, d)`` array (quantized formats: dequantized float32)."""
+        return self._decode(self.read_raw(start, stop))
 
     def take(self, rows: np.ndarray | list[int]) -> np.ndarray:
-        """The given rows (any order, repeats allowed) as an in-memory array."""
+        """The given rows (any order, repeats allowed) as an in-memory ``(n, d)`` array (decoded)."""
         rows = np.asarray(rows, dtype=np.int64)
         dtype = self._parts[0].dtype if self._parts else np.float32
-        out = np.empty((len(rows), self.shape[1]), dtype=dtype)
+        out = np.empty((len(rows), *(self._parts[0].shape[1:] if self._parts else (self.dim,))), dtype=dtype)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"Rows out of range for a store of {len(self)} rows.")
         part_of = np.searchsorted(self._starts, rows, side="right") - 1
         for p in np.unique(part_of):
             sel = part_of == p
             out[sel] = self._parts[p][rows[sel] - self._starts[p]]
-        return out
+        return self._decode(out)
 
     def chunks(self, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         for start in range(0, len(self), rows):
@@ -283,6 +334,9 @@ class FeatureStore:
         """
         root = Path(root)
         meta = {"store_version": STORE_VERSION, **meta}
+        meta["dtype"] = check_format(meta.get("dtype", "float16"))  # an unknown format fails before any write
+        if meta["dtype"] in QUANTIZED_FORMATS:
+            meta["quantization"] = QUANTIZATION[meta["dtype"]]
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         lock = _WriterLock(root)
@@ -300,9 +354,14 @@ class FeatureStore:
                                if k not in INFORMATIONAL_META and existing.get(k) != wanted.get(k)
                                and not (k in FILLED_AT_FINISH and None in (existing.get(k), wanted.get(k))))
                 if diffs:
+                    fix = "Use another directory, or delete this one to recompute."
+                    if "dtype" in diffs:  # one store holds one format
+                        fix = (f"It is a {existing.get('dtype')} store and this run writes {wanted.get('dtype')}: "
+                               f"resume with dtype={existing.get('dtype')!r}, use another directory, or delete this "
+                               "one to recompute.")
                     raise IncompatibleFeaturesError(
                         f"{str(root)!r} already holds features computed with other settings (they differ in "
-                        f"{', '.join(diffs)}); use another directory, or delete this one to recompute.")
+                        f"{', '.join(diffs)}). {fix}")
                 store = cls(root)
                 store._lock = lock
                 if not store.complete:
@@ -357,6 +416,11 @@ class FeatureStore:
         return bool(self.manifest.get("complete"))
 
     @property
+    def format(self) -> str:
+        """The row format (``meta["dtype"]``): float32, float16, int8, int4 or 1bit."""
+        return check_format(self.meta.get("dtype", "float16"))
+
+    @property
     def keyed(self) -> bool:
         return bool(self.meta.get("keyed"))
 
@@ -383,7 +447,7 @@ class FeatureStore:
         if len(rows) != 1:
             raise ValueError("Every checkpoint's features in a shard must have the same number of rows.")
         k = len(self.manifest["shards"])
-        dtype = np.dtype(self.meta["dtype"])
+        fmt = self.format
         n = rows.pop()
         for arr in per_step.values():
             if arr.ndim != 2 or arr.shape[1] != self.meta["dim"]:
@@ -398,8 +462,8 @@ class FeatureStore:
         where = f"writing shard {k} of {str(self.root)!r}"
         files = {}
         for step, arr in per_step.items():
-            files[str(step)] = _disk_full_hint(self._save, f"step-{step}/shard-{k:06d}.npy",
-                                               np.ascontiguousarray(arr, dtype=dtype), where=where, store=self)
+            files[str(step)] = _disk_full_hint(self._save, f"step-{step}/shard-{k:06d}.npy", encode(arr, fmt),
+                                               where=where, store=self)
         shard = {"rows": n, "files": files}
         if keys is not None:
             shard["keys"] = _disk_full_hint(self._save, f"keys/shard-{k:06d}.npy", keys, where=where, store=self)
@@ -451,12 +515,12 @@ class FeatureStore:
         return np.asarray(out, dtype=np.int64)
 
     def features(self, step: int) -> ShardedArray:
-        """The ``(rows, d)`` features of checkpoint ``step``, memory-mapped."""
+        """The ``(rows, d)`` features of checkpoint ``step``, memory-mapped, decoded from the store's format."""
         if step not in self.steps:
             raise KeyError(f"No features for checkpoint step {step}; the store has {self.steps}.")
         shards = self.manifest["shards"]
-        return ShardedArray([self.root / s["files"][str(step)]["name"] for s in shards],
-                            [(s["rows"], self.meta["dim"]) for s in shards])
+        return ShardedArray([self.root / s["files"][str(step)]["name"] for s in shards], fmt=self.format,
+                            dim=self.meta.get("dim"), rows=[s["rows"] for s in shards])
 
     def keys(self) -> np.ndarray:
         """``(rows, 16)`` uint8 content keys of a keyed store, in row order."""

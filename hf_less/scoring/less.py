@@ -7,6 +7,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..gradients.featurizer import (
     content_keys,
 )
 from ..gradients.projection import DEFAULT_KIND
+from ..gradients.quantize import QUANTIZED_FORMATS, IntTargets, check_format, cosine_rows, integer_product
 from ..gradients.state import LessCheckpoint, check_base_model, find_checkpoints
 from ..gradients.store import META_FILE, FeatureStore, IncompatibleFeaturesError, StoreWriter, check_compatible
 from ..gradients.streaming import RowReader, expected_rows, known_rows, num_rows
@@ -400,9 +402,14 @@ class LessSelector(TargetScorer):
         with the same pool: each reads it, computes its share of every shard and the main process
         writes the store (and returns it; others return ``None``). Rows carry content keys, so a
         selector with the same settings reuses them by content.
+
+        ``dtype`` is the store format: ``"float16"`` (default), ``"float32"``, or a quantized one
+        packed as it is written, ``"int8"``, ``"int4"`` (per-row absmax scale) or ``"1bit"`` (signs);
+        see :mod:`hf_less.gradients.quantize`. A store is resumed only in its own format.
         """
         if int(shard_rows) < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}.")
+        dtype = check_format(dtype)  # an unknown format fails before any example is featurized
         shard_rows = int(shard_rows)
         # Several nodes: every process computes with the warmup checkpoints it read; they must be the same ones.
         distributed.check_same([(c.step, c.digest) for c in self.checkpoints], "the warmup checkpoints")
@@ -550,19 +557,31 @@ class LessSelector(TargetScorer):
 
         ``precision="bfloat16"`` multiplies in bfloat16 (about 3x faster on a CPU with bf16 units;
         each cosine within 2^-8 of its value plus 1e-4): see :func:`hf_less.scoring.similarity.weighted_sims`.
+
+        The store is read ``chunk_rows`` rows at a time (memory: about ``chunk_rows * d * 4`` bytes
+        plus the result, whatever the pool size). A quantized store (int8, int4, 1bit) is scored
+        from its packed rows, unpacked to int8 codes one chunk at a time and multiplied with the
+        targets in integers (``precision`` does not apply): the cosine of each decoded pool row with
+        the target features, within 1e-4 (see :mod:`hf_less.gradients.quantize`).
         """
         store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         check_compatible(store.meta, self.identity)
         if not store.complete:
             raise ValueError(f"The feature store {str(store.root)!r} is incomplete; finish featurize() first.")
         rows = None if pool is None else self.store_rows(store, pool)
-        if self.hub.needs_statistics:  # the statistics of the pool scored
-            self._fit_hub([(store, c.step) for c in self.checkpoints], chunk_rows)
-        scores, sims = self._score_store_rows(store, chunk_rows, precision)
+        if self.hub.kind is None:  # LESS as published: the packed rows scored as they are (quantize's integer path)
+            scores, sims = score_store(store, self.target_features, [c.step for c in self.checkpoints],
+                                       [c.weight for c in self.checkpoints],
+                                       self.subtask_ids if len(self.subtask_names) > 1 else None, chunk_rows,
+                                       precision)
+        else:
+            if self.hub.needs_statistics:  # the statistics of the pool scored
+                self._fit_hub([(store, c.step) for c in self.checkpoints], chunk_rows)
+            scores, sims = self._score_store_rows(store, chunk_rows, precision)
         return (scores, sims) if rows is None else (scores[rows], sims[rows])
 
     def _score_store_rows(self, store: FeatureStore, chunk_rows: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
-        """Scores of every store row, in store order."""
+        """Scores of every store row, in store order, with the hub correction (on decoded float features)."""
         arrays = [store.features(c.step) for c in self.checkpoints]
         n = len(arrays[0])
         scores = np.empty(n, dtype=np.float32)
@@ -578,6 +597,63 @@ class LessSelector(TargetScorer):
         skipped = store.skipped_rows()
         scores[skipped], sims[skipped] = -np.inf, -np.inf  # no completion token: never selected
         return scores, sims
+
+
+def score_store(store: FeatureStore, target_features: Sequence[torch.Tensor], steps: Sequence[int],
+                weights: Sequence[float], subtask_ids: torch.Tensor | None = None, chunk_rows: int = 16384,
+                precision: str = "float32", integer: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The scoring loop of :meth:`LessSelector.score_store`, without the checks of the store's identity.
+
+    Args:
+        store: a complete pool feature store.
+        target_features: per checkpoint, ``(T, d)`` float target features.
+        steps, weights: per checkpoint, its step in the store and its weight ``w_i``.
+        subtask_ids: ``(T,)`` subtask of each target (``None``: one subtask).
+        integer: multiply a quantized store's codes in integers (``None``: whenever
+            :func:`hf_less.gradients.quantize.integer_product` allows), or unpack them to float32 (``False``).
+    Returns:
+        ``(less_score (N,), less_sims (N, T))`` float32; skipped rows ``-inf``.
+    """
+    arrays = [store.features(step) for step in steps]
+    n = len(arrays[0])
+    scores = np.empty(n, dtype=np.float32)
+    sims = np.empty((n, len(target_features[0])), dtype=np.float32)
+    ints = (integer_product(store.format, arrays[0].dim) if integer is None
+            else bool(integer) and store.format in QUANTIZED_FORMATS)
+    targets = [IntTargets(t) for t in target_features] if ints else list(target_features)
+    fmt, dim = store.format, arrays[0].dim
+
+    # (chunk, checkpoint) pairs in reading order; the next pair's rows are read by a thread while this one's
+    # are multiplied (file reads release the GIL): scoring takes about the longer of the two, not their sum,
+    # and holds two checkpoints' chunks of stored rows at most.
+    units = [(start, i) for start in range(0, n, chunk_rows) for i in range(len(arrays))]
+
+    def read(u: int) -> np.ndarray:
+        start, i = units[u]
+        return arrays[i].read_raw(start, min(n, start + chunk_rows))
+
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(read, 0) if units else None
+        s: torch.Tensor | None = None
+        for u, (start, i) in enumerate(units):
+            raw = ahead.result()
+            if u + 1 < len(units):
+                ahead = reader.submit(read, u + 1)
+            # A quantized store: its packed rows as int8 codes times the targets in integers; a float one: a
+            # float product (see hf_less.gradients.quantize).
+            if ints:
+                part = targets[i].cosines(raw, fmt).mul_(float(weights[i]))
+            else:
+                part = weighted_sims([cosine_rows(raw, fmt, dim)], [targets[i]], [weights[i]], precision)
+            del raw
+            s = part if i == 0 else s.add_(part)
+            if i == len(arrays) - 1:
+                stop = min(n, start + chunk_rows)
+                sims[start:stop] = s.numpy()
+                scores[start:stop] = less_score(s, subtask_ids).numpy()
+    skipped = store.skipped_rows()
+    scores[skipped], sims[skipped] = -np.inf, -np.inf  # no completion token: never selected
+    return scores, sims
 
 
 register_datasets_hash(LessSelector, "hf_less.LessSelector")

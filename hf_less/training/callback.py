@@ -21,6 +21,7 @@ from ..gradients import sharded
 from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of, base_model_record, check_proj_dim
 from ..gradients.per_example import AdamMoments, parameter_key, trainable_parameters
 from ..gradients.projection import DEFAULT_KIND
+from ..gradients.quantize import check_format
 from ..gradients.state import LessCheckpoint, captured_dir, save_less_state
 from ..gradients.store import FeatureStore, IncompatibleFeaturesError, StoreWriter
 from ..gradients.streaming import RowReader, is_one_shot, known_rows, num_rows
@@ -89,7 +90,8 @@ class LessCallback(TrainerCallback):
             mixed precision the training uses.
         tokenizer: defaults to the Trainer's ``processing_class``.
         shard_rows: pool rows per store shard (the unit of resumption and of the progress bar).
-        dtype: storage dtype of captured features.
+        dtype: the captured stores' format: float16, float32, int8, int4 or 1bit (packed as captured; see
+            :mod:`hf_less.gradients.quantize`).
         show_progress: a progress bar on the main process while capturing.
         on_empty_completion: ``"error"`` or ``"skip"`` for examples with no completion token, as for
             ``LessSelector`` (skipped examples are not captured; the selector scores them ``-inf``).
@@ -117,7 +119,7 @@ class LessCallback(TrainerCallback):
                                      pool_direction=pool_direction)
         self.tokenizer = tokenizer
         self.shard_rows = int(shard_rows)
-        self.dtype = dtype
+        self.dtype = check_format(dtype)  # an unknown format fails now, not at the first checkpoint
         self.capture_seconds = 0.0
         self._featurizer: Featurizer | None = None
         self._encoded: dict[str, list] = {}  # the targets only (few): the pool is encoded shard by shard

@@ -13,6 +13,7 @@ from trl import SFTConfig
 
 from ..gradients.featurizer import POOL_DIRECTIONS, check_proj_dim
 from ..gradients.projection import DEFAULT_KIND, KIND_HELP
+from ..gradients.quantize import check_format
 from ..scoring.hubness import HUB_CORRECTIONS, HubCorrection
 from ..selection import strategies as selectors
 
@@ -80,10 +81,16 @@ class LessSFTConfig(SFTConfig):
                 "precision of the model's weights, even when training uses bf16."})
     less_subtask_column: str | None = field(default=None, metadata={
         "help": "Column of the targets naming subtasks: the score is the max over subtasks of the mean similarity."})
-    less_store_dtype: str = field(default="float16", metadata={"help": "Storage dtype of the feature stores."})
+    less_store_dtype: str = field(default="float16", metadata={
+        "help": "Format of the feature stores: float16, float32, int8, int4 (per-row absmax scale) or 1bit (signs); "
+                "int8/int4/1bit take 2x/4x/16x less disk than float16."})
     less_on_empty_completion: str = field(default="error", metadata={
         "help": "An example with no completion token left after truncation: 'error' (stop and name it) or "
                 "'skip' (a pool example scores -inf and is never selected; a target example is dropped)."})
+    less_plan: bool = field(default=True, metadata={
+        "help": "Before the warmup, time a few real training and featurization batches (on a copy of the selection "
+                "model) and log the projected wall time of each stage and the feature store's disk (hf_less.planning). "
+                "Skipped under several processes."})
     less_reuse_selection: bool = field(default=True, metadata={
         "help": "Reuse output_dir/less_selection.json when it was made with the same settings and pool."})
 
@@ -107,6 +114,10 @@ class LessSFTConfig(SFTConfig):
             raise ValueError(f"less_{e}") from None
         if self.less_on_empty_completion not in ("error", "skip"):
             raise ValueError(f"less_on_empty_completion={self.less_on_empty_completion!r} must be 'error' or 'skip'.")
+        try:
+            check_format(self.less_store_dtype)
+        except ValueError as e:
+            raise ValueError(f"less_store_dtype: {e}") from None
         if self.less_proj_dim < 0:
             raise ValueError(f"less_proj_dim={self.less_proj_dim} must be > 0, or 0 for exact gradients.")
         check_proj_dim(self.less_projection_dim, self.less_proj_kind, "less_proj_dim")

@@ -18,6 +18,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -95,6 +96,7 @@ class LessSFTTrainer(SFTTrainer):
         self.target_dataset = target_dataset
         self.selected_indices: list[int] | None = None
         self.selection: Selection | None = None
+        self.plan = None  # hf_less.planning.RunPlan, when less_plan measured one
         # The selection model, taken before SFTTrainer prepares (and patches the forward of) the
         # model it trains: a copy of that one would still run the original through closures.
         self._selection_source = None if args.less_selection_model else _pristine_copy(model)
@@ -123,6 +125,7 @@ class LessSFTTrainer(SFTTrainer):
         selection = self._reusable_selection(settings)
         pool_scores = None
         if selection is None:
+            self.plan = self._plan(model, tokenizer) if a.less_plan else None
             if a.less_warmup_dir:
                 warmup_dir = a.less_warmup_dir
             else:
@@ -153,6 +156,33 @@ class LessSFTTrainer(SFTTrainer):
         return self.selected_indices
 
     # -- steps -----------------------------------------------------------------------------------
+
+    def _plan(self, model, tokenizer):
+        """Measure a few batches and log the projected stages (:func:`hf_less.planning.plan_run`); one process only."""
+        from peft import LoraConfig
+
+        from ..planning import plan_run
+
+        a: LessSFTConfig = self.args
+        if a.world_size > 1 or sharded.fsdp_enabled(a) or sharded.deepspeed_enabled(a):
+            logger.info("LESS plan skipped: it measures on one process (less_plan=False hides this line).")
+            return None
+        lora = LoraConfig(r=a.less_lora_r, lora_alpha=a.less_lora_alpha, lora_dropout=a.less_lora_dropout,
+                          target_modules=list(a.less_lora_target_modules), task_type="CAUSAL_LM")
+        plan = plan_run(model, tokenizer, self.pool, targets=len(next(iter(rows_of(self.target_dataset).values()))),
+                        max_length=self._max_length(), lora=lora, proj_dim=a.less_projection_dim,
+                        proj_kind=a.less_proj_kind, warmup_fraction=a.less_warmup_fraction,
+                        warmup_epochs=a.less_warmup_epochs, budget=a.less_budget_value,
+                        train_epochs=math.ceil(a.num_train_epochs),
+                        batch_size=a.less_warmup_batch_size or a.per_device_train_batch_size,
+                        store_dtype=a.less_store_dtype, shard_rows=1024, learning_rate=a.less_warmup_learning_rate,
+                        seed=a.less_seed, capture=not a.less_warmup_dir,
+                        store_dir=a.output_dir if os.path.isdir(a.output_dir) else None,
+                        # the warmup's SFTConfig is this one's: the same precision and activation checkpointing
+                        sft_kwargs={k: getattr(a, k) for k in ("bf16", "fp16", "gradient_checkpointing",
+                                                                "activation_checkpointing") if hasattr(a, k)})
+        logger.info("LESS %s", plan.table())
+        return plan
 
     def _selection_model(self):
         """The model features are computed with, and its tokenizer (never the model that is trained)."""

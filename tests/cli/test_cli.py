@@ -35,6 +35,20 @@ def common(tiny, run_dir):
             "--batch_size", "4", "--lora_r", "4", "--quiet"]
 
 
+def test_plan_prints_each_stage_and_the_store_size(tiny, tmp_path, capsys):
+    from hf_less.gradients.quantize import store_bytes
+
+    run_dir = tmp_path / "run"
+    assert cli.main(["plan", *common(tiny, run_dir), "--pool_size", "1000000", "--store_dtype", "int4",
+                     "--proj_dim", "8192", "--warmup_epochs", "4", "--measure_steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "plan for a pool of 1,000,000 examples" in out
+    for stage in ("warmup", "featurize", "scoring", "final training", "total"):
+        assert re.search(rf"^  {stage} +[\d.]+ (s|min|h)", out, re.M), stage
+    assert f"{store_bytes('int4', 8192, 10**6, 4) / 1e9:.2f} GB   int4" in out  # 16.43 GB
+    assert "50000 rows, 4 epochs" in out  # 5% of the million
+
+
 def test_subcommands_end_to_end(tiny, tmp_path, capsys):
     run_dir = tmp_path / "run"
     layout = RunLayout(run_dir)
@@ -164,10 +178,13 @@ def test_demo_on_a_fake_bigbench(tiny, tmp_path, monkeypatch, capsys):
                      "--batch_size", "4", "--train_epochs", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "scaled to fit a small CPU" in out and "--proj_dim 512" in out and "--max_length 128" in out
+    # the plan, measured before the warmup starts
+    assert out.index("plan for a pool of 32 examples") < out.index("warmup: LoRA")
     assert re.search(r"LESS \(topk\) +4 examples: \d+% from the target task", out)
     assert re.search(r"random +4 examples: \d+% from the target task", out) and "done in" in out
     info = json.loads((run_dir / "run.json").read_text())
     summary = info["summary"]
+    assert set(info["plan"]) == {"warmup", "featurize", "scoring", "final training"}
     assert summary["pool"] == 32 and summary["pool_share"] == 0.25
     assert set(summary["losses"]) == {"zero-shot", "random", "LESS"}
     md = (run_dir / "report" / "report.md").read_text()

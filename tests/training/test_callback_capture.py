@@ -128,3 +128,26 @@ def test_empty_capture_dataset_is_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="empty pool"):
         run_warmup(tmp_path, tokenizer, LessCallback(pool=Dataset.from_list([]).add_column("text", []),
                                                      show_progress=False))
+
+
+def test_capture_packs_a_quantized_store_and_the_selector_reads_it(tmp_path, tokenizer, plain):
+    from hf_less.gradients.quantize import row_bytes
+
+    cb = LessCallback(pool=Dataset.from_list(POOL), targets=Dataset.from_list(TARGETS), proj_dim=64, batch_size=3,
+                      shard_rows=5, dtype="int4", show_progress=False)
+    warm = run_warmup(tmp_path / "int4", tokenizer, cb)
+    for c in find_checkpoints(warm):
+        for which in ("pool", "targets"):
+            store = FeatureStore(c.captured(which))
+            assert store.complete and store.format == "int4"
+            shard = np.load(store.root / store.manifest["shards"][0]["files"][str(c.step)]["name"])
+            assert shard.dtype == np.uint8 and shard.shape[1] == row_bytes("int4", 64)  # packed when captured
+    reuse = selector(tokenizer, warm, proj_dim=64, batch_size=3)
+    calls, handle = count_forwards(reuse.model)
+    scored = Dataset.from_list(POOL).map(reuse, batched=True, batch_size=5)
+    handle.remove()
+    assert calls == []  # read from the packed stores, nothing recomputed
+    posthoc = Dataset.from_list(POOL).map(selector(tokenizer, plain, proj_dim=64, batch_size=3), batched=True)
+    # int4 on both sides (pool and captured targets): near the float scores, not equal to them
+    diff = np.abs(np.array(scored["less_sims"]) - np.array(posthoc["less_sims"]))
+    assert 1e-4 < diff.max() < 0.1

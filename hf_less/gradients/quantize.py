@@ -1,0 +1,223 @@
+"""Feature store formats: float rows, or rows quantized and packed into bytes (int8, int4, 1bit).
+
+LESS features are L2-normalised rows of ``d`` values; the score is their cosine with the target
+features. A store keeps each row in one of these formats (``FeatureStore`` meta ``"dtype"``):
+
+========== ============================ ==================================== ====================
+format     bytes per row (d = 8192)     stored row                           decoded row
+========== ============================ ==================================== ====================
+float32    4 d       (32,768)           the features                         the features
+float16    2 d       (16,384)           the features, rounded                the features
+int8       d + 8     ( 8,200)           codes q in [-127, 127], scale, |q|^2  q * scale
+int4       ceil(d/2) + 8   (4,104)      two codes in [-7, 7] per byte, ditto  q * scale
+1bit       ceil(d/8)       (1,024)      sign bits, 8 per byte                 +-1 / sqrt(d)
+========== ============================ ==================================== ====================
+
+Scaling: int8 and int4 use per-row absmax scaling, ``scale = max_j |x_j| / qmax`` (qmax = 127 or
+7) and ``q = round(x / scale)`` (float32 division, ties to even); the row ends with the scale
+(little-endian float32) and the codes' squared norm ``sum_j q_j^2`` (little-endian int32, exact:
+what a cosine divides by). A zero row (a skipped example) has scale 0 and codes 0. 1bit keeps ``x_j > 0`` (a zero counts as
+negative) and decodes to the unit vector of signs, ``+-1 / sqrt(d)``: the features are unit
+vectors, and a cosine does not depend on a row's scale anyway. int4 codes are stored offset by 8
+(nibbles 1..15), the even column in the low nibble; 1bit packs column ``8 j + k`` into bit ``k``
+of byte ``j`` (``np.packbits(..., bitorder="little")``). Padding nibbles / bits are zero codes.
+
+Scoring (``LessSelector.score_store``) reads the packed rows a chunk at a time, unpacks them to
+int8 codes (int4 nibbles and 1bit signs through a byte lookup table) and multiplies them with the
+target features in integers (``torch._int_mm``, int32 accumulation, exact): each unit-norm target
+row is written as ``s * (128 h + l)`` with int8 ``h`` and ``l`` (15 bits, relative error below
+2^-14 of its largest value), so the product is two int8 matmuls, and the cosine divides by the
+stored code norm (a row's scale cancels in a cosine). On this project's 2-core CPU that is several
+times faster than unpacking to float32 and a float matmul (docs/performance.md); rows wider than
+:data:`INT_MATMUL_MAX_DIM` (int32 could overflow) take the float path. Only the pool is
+quantized: the few target features are computed by the selector in float (QLESS, arXiv
+2502.01703, quantizes both sides and scores 1bit stores with the cosine of two sign vectors).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+FLOAT_FORMATS = ("float32", "float16")
+QUANTIZED_FORMATS = ("int8", "int4", "1bit")
+STORE_FORMATS = FLOAT_FORMATS + QUANTIZED_FORMATS
+# Largest code of the integer formats (symmetric: codes in [-QMAX, QMAX]).
+QMAX = {"int8": 127, "int4": 7}
+TAIL_BYTES = 8  # the float32 scale and the int32 squared code norm at the end of an int8 / int4 row
+# Widest row the integer product takes: |q . h| <= 127 * 127 * d must fit an int32.
+INT_MATMUL_MAX_DIM = (2**31 - 1) // (127 * 127)
+
+
+def check_format(dtype) -> str:
+    """The store format named by ``dtype`` (one of :data:`STORE_FORMATS`), or a ``ValueError`` naming them.
+
+    ``np.float16`` / ``np.float32`` (or their ``np.dtype``) are accepted for the float formats.
+    """
+    name = dtype
+    if not isinstance(dtype, str):
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in STORE_FORMATS:
+        raise ValueError(
+            f"Unknown feature store dtype {dtype!r}. Choose one of {', '.join(STORE_FORMATS)}: float32 and float16 "
+            "store the features, int8 and int4 quantize each row with its own scale (4x and 8x smaller than "
+            "float32), 1bit keeps their signs (32x smaller). See docs/usage.md, 'Feature store formats'.")
+    return name
+
+
+def row_bytes(fmt: str, dim: int) -> int:
+    """Bytes one stored row of ``dim`` features takes in format ``fmt`` (the ``.npy`` header aside)."""
+    fmt = check_format(fmt)
+    if fmt in FLOAT_FORMATS:
+        return dim * np.dtype(fmt).itemsize
+    return _code_bytes(fmt, dim) + (TAIL_BYTES if fmt in QMAX else 0)
+
+
+def _code_bytes(fmt: str, dim: int) -> int:
+    return {"int8": dim, "int4": (dim + 1) // 2, "1bit": (dim + 7) // 8}[fmt]
+
+
+def encode(x: np.ndarray, fmt: str) -> np.ndarray:
+    """Rows as stored: ``(n, d)`` float features -> ``(n, d)`` float16/32, or ``(n, row_bytes)`` uint8 packed rows."""
+    fmt = check_format(fmt)
+    if x.ndim != 2:
+        raise ValueError(f"Expected (rows, d) features, got shape {x.shape}.")
+    if fmt in FLOAT_FORMATS:
+        return np.ascontiguousarray(x, dtype=fmt)
+    n, d = x.shape
+    x = np.asarray(x, dtype=np.float32)
+    out = np.zeros((n, row_bytes(fmt, d)), dtype=np.uint8)
+    if fmt == "1bit":
+        out[:] = np.packbits(x > 0, axis=1, bitorder="little")
+        return out
+    qmax = QMAX[fmt]
+    absmax = np.abs(x).max(axis=1) if d else np.zeros(n, dtype=np.float32)
+    scale = (absmax / qmax).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))[:, None]  # a zero row: codes 0
+    q = np.clip(np.rint(x / safe), -qmax, qmax).astype(np.int8)
+    width = _code_bytes(fmt, d)
+    if fmt == "int8":
+        out[:, :width] = q.view(np.uint8)
+    else:
+        nib = np.full((n, 2 * width), 8, dtype=np.uint8)  # padding column: code 0
+        nib[:, :d] = (q + 8).astype(np.uint8)
+        out[:, :width] = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    out[:, width : width + 4] = scale.astype("<f4").view(np.uint8).reshape(n, 4)
+    sumsq = np.einsum("ij,ij->i", q.astype(np.int32), q.astype(np.int32))
+    out[:, width + 4 :] = sumsq.astype("<i4").view(np.uint8).reshape(n, 4)
+    return out
+
+
+def scales(rows: np.ndarray, fmt: str, dim: int) -> np.ndarray:
+    """``(n,)`` float32 factor turning :func:`cosine_rows` into the decoded rows (1.0 for float formats)."""
+    fmt = check_format(fmt)
+    n = len(rows)
+    if fmt in FLOAT_FORMATS:
+        return np.ones(n, dtype=np.float32)
+    if fmt == "1bit":
+        return np.full(n, 1 / math.sqrt(dim) if dim else 0.0, dtype=np.float32)
+    width = _code_bytes(fmt, dim)
+    return np.ascontiguousarray(rows[:, width : width + 4]).view("<f4").reshape(n).astype(np.float32)
+
+
+def code_norms(rows: np.ndarray, fmt: str, dim: int) -> np.ndarray:
+    """``(n,)`` float64 norms of the :func:`int_codes` rows of packed ``rows`` (stored, or sqrt(d) for 1bit)."""
+    n = len(rows)
+    if fmt == "1bit":
+        return np.full(n, math.sqrt(dim), dtype=np.float64)
+    width = _code_bytes(fmt, dim)
+    return np.sqrt(np.ascontiguousarray(rows[:, width + 4 : width + 8]).view("<i4").reshape(n).astype(np.float64))
+
+
+# Byte -> its 8 signs as int8 (bit k is column k), packed in one int64; byte -> its 2 int4 codes in one int16.
+_SIGNS = np.array([[1 if (b >> k) & 1 else -1 for k in range(8)] for b in range(256)], dtype=np.int8).view(np.int64).reshape(256)
+_NIBBLES = np.array([[(b & 15) - 8, (b >> 4) - 8] for b in range(256)], dtype=np.int8).view(np.int16).reshape(256)
+
+
+def int_codes(rows: np.ndarray, fmt: str, dim: int) -> np.ndarray:
+    """``(n, dim)`` int8 codes of packed ``rows`` of a quantized format: int8 / int4 codes, or 1bit signs (+-1)."""
+    n = len(rows)
+    width = _code_bytes(fmt, dim)
+    codes = rows[:, :width]
+    if fmt == "int8":
+        return np.ascontiguousarray(codes).view(np.int8)
+    # one table lookup per byte gives its 8 signs or 2 codes at once
+    out = np.take(_SIGNS if fmt == "1bit" else _NIBBLES, codes).view(np.int8).reshape(n, -1)
+    return out if out.shape[1] == dim else np.ascontiguousarray(out[:, :dim])
+
+
+def cosine_rows(rows: np.ndarray, fmt: str, dim: int) -> torch.Tensor:
+    """``(n, dim)`` float32 rows, each a positive multiple of its decoded row: enough for a cosine.
+
+    Float formats: the features; int8 / int4: the integer codes; 1bit: the signs (+-1). ``rows``
+    are the stored rows (``(n, row_bytes)`` uint8 for a quantized format).
+    """
+    fmt = check_format(fmt)
+    if fmt in FLOAT_FORMATS:
+        return torch.from_numpy(np.asarray(rows)).float()
+    return torch.from_numpy(int_codes(rows, fmt, dim)).float()
+
+
+class IntTargets:
+    """Target features prepared for the integer product with packed pool rows (see the module docstring).
+
+    Args:
+        targets: ``(T, d)`` float target features (any norm; a zero row gives zero cosines).
+    """
+
+    def __init__(self, targets: torch.Tensor):
+        t = targets.double()
+        t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        absmax = t.abs().amax(dim=1)
+        self.scale = torch.where(absmax > 0, absmax / (127 * 128), torch.ones_like(absmax))  # (T,)
+        u = torch.round(t / self.scale[:, None])  # |u| <= 16256
+        hi = torch.round(u / 128)
+        self.hi = _row_major(hi.to(torch.int8).T)  # (d, T)
+        self.lo = _row_major((u - 128 * hi).to(torch.int8).T)  # (d, T), |lo| <= 64
+        self.dim = t.shape[1]
+        self._scale = self.scale.float()
+
+    def cosines(self, rows: np.ndarray, fmt: str) -> torch.Tensor:
+        """``(n, T)`` float32 cosines of the decoded packed ``rows`` with the targets."""
+        q = _row_major(torch.from_numpy(int_codes(rows, fmt, self.dim)))
+        # int32 sums, exact; their float32 combination keeps 24 bits, far below the targets' rounding
+        dots = torch._int_mm(q, self.hi).float().mul_(128).add_(torch._int_mm(q, self.lo).float())
+        norms = torch.from_numpy(code_norms(rows, fmt, self.dim).astype(np.float32)).clamp_min(1e-30)
+        return dots.mul_(self._scale[None, :]).div_(norms[:, None])
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with strides ``(columns, 1)``: ``torch._int_mm`` on a CPU misreads the strides ``contiguous()``
+    leaves on a dimension of size 1 (measured with torch 2.13: a (2, 1) operand gave garbage)."""
+    if t.stride() == (t.shape[1], 1):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+
+
+def integer_product(fmt: str, dim: int) -> bool:
+    """Whether rows of ``fmt`` and width ``dim`` are scored with :class:`IntTargets` (exact int32 products)."""
+    return fmt in QUANTIZED_FORMATS and dim <= INT_MATMUL_MAX_DIM and hasattr(torch, "_int_mm")
+
+
+def decode(rows: np.ndarray, fmt: str, dim: int) -> np.ndarray:
+    """The stored rows as ``(n, dim)`` features: float formats as stored, quantized ones dequantized (float32)."""
+    fmt = check_format(fmt)
+    if fmt in FLOAT_FORMATS:
+        return np.asarray(rows)
+    return (cosine_rows(rows, fmt, dim).numpy() * scales(rows, fmt, dim)[:, None]).astype(np.float32, copy=False)
+
+
+def storage_dtype(fmt: str) -> np.dtype:
+    """The numpy dtype of a stored ``.npy`` row array in format ``fmt``."""
+    fmt = check_format(fmt)
+    return np.dtype(fmt) if fmt in FLOAT_FORMATS else np.dtype(np.uint8)
+
+
+def store_bytes(fmt: str, dim: int, rows: int, checkpoints: int) -> int:
+    """Bytes of a keyed store's features and content keys (shard headers and metadata aside)."""
+    return rows * (checkpoints * row_bytes(fmt, dim) + 16)
