@@ -192,11 +192,6 @@ class ShardedArray:
                  rows: list[int] | None = None):
         self.paths = list(paths)
         self._parts = [np.load(p, mmap_mode="r") for p in self.paths]
-        for path, part, n in zip(self.paths, self._parts, rows or []):
-            width = dim if fmt is None else row_bytes(fmt, dim) // storage_dtype(fmt).itemsize
-            if part.shape != (n, width):
-                raise CorruptStoreError(f"{str(path)!r} holds a {part.shape} array; its store's manifest says "
-                                        f"{(n, width)}. The store is damaged: delete it and featurize again.")
         self._starts = np.cumsum([0] + [len(p) for p in self._parts])
         self.format = None if fmt is None else check_format(fmt)
         width = self._parts[0].shape[1] if self._parts else 0
@@ -207,6 +202,10 @@ class ShardedArray:
                 raise ValueError(f"Shard {path} holds {part.dtype} rows of {part.shape[1] * part.itemsize} bytes; "
                                  f"a {self.format} store of d={self.dim} has {storage_dtype(self.format)} rows of "
                                  f"{row_bytes(self.format, self.dim)}: the store is damaged.")
+        for path, part, n in zip(self.paths, self._parts, rows or []):  # the format's width checked above
+            if len(part) != n:
+                raise CorruptStoreError(f"{str(path)!r} holds a {part.shape} array; its store's manifest says "
+                                        f"{(n, part.shape[1])}. The store is damaged: delete it and featurize again.")
         self.shape = (int(self._starts[-1]), self.dim)
 
     def __len__(self) -> int:
