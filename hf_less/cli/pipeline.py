@@ -272,12 +272,12 @@ def shard_rows_for(kind: str | None, proj_dim: int, lora_params: int) -> int:
 def do_plan(model, tokenizer, rd: RunData, layout: RunLayout, model_args: ModelArguments, warm: WarmupArguments,
             feat: FeaturizeArguments, sel: SelectArguments, tr: TrainArguments, pool_size: int | None = None,
             measure_steps: int = 4, sample_size: int = 256, clock=None):
-    """The run's :class:`hf_less.planning.RunPlan`: a few real batches measured, extrapolated to the pool.
+    """The run's :class:`hf_less.training.planning.RunPlan`: a few real batches measured, extrapolated to the pool.
 
-    ``clock``: as for :func:`hf_less.planning.plan_run` (default: wall seconds)."""
+    ``clock``: as for :func:`hf_less.training.planning.plan_run` (default: wall seconds)."""
     from trl import SFTConfig
 
-    from ..planning import plan_run
+    from ..training.planning import plan_run
 
     kind = feat.proj_kind if feat.proj_dim else None
     lora_params = _lora_params(model, model_args)

@@ -89,7 +89,7 @@ class LessSFTConfig(SFTConfig):
                 "'skip' (a pool example scores -inf and is never selected; a target example is dropped)."})
     less_plan: bool = field(default=True, metadata={
         "help": "Before the warmup, time a few real training and featurization batches (on a copy of the selection "
-                "model) and log the projected wall time of each stage and the feature store's disk (hf_less.planning). "
+                "model) and log the projected wall time of each stage and the feature store's disk (hf_less.training.planning). "
                 "Skipped under several processes."})
     less_reuse_selection: bool = field(default=True, metadata={
         "help": "Reuse output_dir/less_selection.json when it was made with the same settings and pool."})

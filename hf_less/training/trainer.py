@@ -96,7 +96,7 @@ class LessSFTTrainer(SFTTrainer):
         self.target_dataset = target_dataset
         self.selected_indices: list[int] | None = None
         self.selection: Selection | None = None
-        self.plan = None  # hf_less.planning.RunPlan, when less_plan measured one
+        self.plan = None  # hf_less.training.planning.RunPlan, when less_plan measured one
         # The selection model, taken before SFTTrainer prepares (and patches the forward of) the
         # model it trains: a copy of that one would still run the original through closures.
         self._selection_source = None if args.less_selection_model else _pristine_copy(model)
@@ -158,10 +158,10 @@ class LessSFTTrainer(SFTTrainer):
     # -- steps -----------------------------------------------------------------------------------
 
     def _plan(self, model, tokenizer):
-        """Measure a few batches and log the projected stages (:func:`hf_less.planning.plan_run`); one process only."""
+        """Measure a few batches and log the projected stages (:func:`hf_less.training.planning.plan_run`); one process only."""
         from peft import LoraConfig
 
-        from ..planning import plan_run
+        from .planning import plan_run
 
         a: LessSFTConfig = self.args
         if a.world_size > 1 or sharded.fsdp_enabled(a) or sharded.deepspeed_enabled(a):

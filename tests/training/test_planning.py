@@ -1,4 +1,4 @@
-"""hf_less.planning: the projected stages of a run, checked against the same run done for real."""
+"""hf_less.training.planning: the projected stages of a run, checked against the same run done for real."""
 
 import copy
 import time

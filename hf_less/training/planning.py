@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .gradients.quantize import check_format, store_bytes
+from ..gradients.quantize import check_format, store_bytes
 
 
 @dataclass
@@ -121,7 +121,7 @@ def measure_training(model: torch.nn.Module, tokenizer, rows: list[dict], lora, 
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig
 
-    from .training.warmup import WarmupSFTTrainer
+    from .warmup import WarmupSFTTrainer
 
     work = copy.deepcopy(model)
     n = batch_size * steps * 2
@@ -157,9 +157,9 @@ def measure_features(model: torch.nn.Module, tokenizer, rows: list[dict], batch_
     (the cost does not depend on their values). The first batch is timed apart: what it costs beyond
     a later batch (allocations, first calls) is paid once per stage.
     """
-    from .data import n_scored
-    from .gradients.featurizer import Featurizer
-    from .gradients.per_example import AdamMoments
+    from ..data import n_scored
+    from ..gradients.featurizer import Featurizer
+    from ..gradients.per_example import AdamMoments
 
     feat = Featurizer(model, tokenizer, proj_dim, proj_kind=proj_kind, max_length=max_length, batch_size=batch_size,
                       show_progress=False, on_empty_completion="skip")
@@ -193,8 +193,8 @@ def measure_store(features: torch.Tensor, fmt: str, checkpoints: int, shard_rows
     ``directory`` (the disk the real store goes to; default the system's temporary directory), then
     scores a synthetic ``rows``-row store of the same format and d against ``targets`` targets.
     """
-    from .gradients.store import FeatureStore
-    from .scoring.less import score_store
+    from ..gradients.store import FeatureStore
+    from ..scoring.less import score_store
 
     dim = features.shape[1]
     f = features.numpy()
@@ -253,10 +253,10 @@ def plan_run(model: torch.nn.Module, tokenizer, pool: Any, *, pool_size: int | N
     """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from .gradients.featurizer import rows_of
-    from .gradients.projection import DEFAULT_KIND
-    from .selection.strategies import resolve_budget
-    from .training.warmup import warmup_size
+    from ..gradients.featurizer import rows_of
+    from ..gradients.projection import DEFAULT_KIND
+    from ..selection.strategies import resolve_budget
+    from .warmup import warmup_size
 
     store_dtype = check_format(store_dtype)
     columns = rows_of(pool)
