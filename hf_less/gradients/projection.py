@@ -311,10 +311,11 @@ class RandomProjector:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def streams(self, device: torch.device | str) -> bool:
+    @property
+    def streams(self) -> bool:
         """Whether rows are generated tile by tile and used at once rather than cached by block.
 
-        So for a Rademacher matrix larger than the cache: its entries depend on (seed, row, column)
+        True for a Rademacher matrix larger than the cache. Its entries depend on (seed, row, column)
         only, so any tiling gives the same matrix, and nothing the size of ``P x d`` is ever held.
         """
         return self.kind == "rademacher" and self.dim_in * self.proj_dim * self.compute_dtype.itemsize > self.cache_bytes
@@ -337,7 +338,7 @@ class RandomProjector:
         n = x.shape[1]
         _check_slice(offset, n, self.dim_in)
         out = torch.zeros((x.shape[0], self.proj_dim), device=x.device, dtype=torch.float32)
-        if self.streams(x.device):
+        if self.streams:
             step = self.tile_rows(x.device)
             for r0 in range(0, n, step):
                 rows = min(step, n - r0)

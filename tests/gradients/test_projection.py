@@ -354,7 +354,7 @@ def test_rademacher_larger_than_the_cache_is_streamed_tile_by_tile_with_the_same
     x = gradient_like(5, P, seed=7)
     cached = RandomProjector(P, d, seed=6, precision="float32")
     streamed = RandomProjector(P, d, seed=6, precision="float32", cache_bytes=BLOCK_ROWS * d * 4)
-    assert not cached.streams("cpu") and streamed.streams("cpu") and streamed.tile_rows("cuda") >= BLOCK_ROWS
+    assert not cached.streams and streamed.streams and streamed.tile_rows("cuda") >= BLOCK_ROWS
     want = x.double() @ dense_matrix(P, d, "rademacher", 6).double()
     for proj in (cached, streamed):
         cut = 5000  # slices that start and end inside tiles
@@ -362,7 +362,7 @@ def test_rademacher_larger_than_the_cache_is_streamed_tile_by_tile_with_the_same
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     assert streamed._cache.keys() == []  # nothing kept
     # Gaussian blocks are drawn per block, so that kind never streams.
-    assert not RandomProjector(P, d, kind="gaussian", cache_bytes=0).streams("cpu")
+    assert not RandomProjector(P, d, kind="gaussian", cache_bytes=0).streams
 
 
 def test_sparse_cache_holds_the_targets_of_each_slice():
