@@ -377,6 +377,20 @@ def shard_digests(store) -> list:
             for s in store.manifest["shards"]]
 
 
+def interrupt_store(root, keep: int) -> dict:
+    """Rewrite the store's manifest as a crash leaves it: the first ``keep`` shards listed, not complete.
+
+    Returns the manifest written."""
+    import json
+
+    from hf_less.gradients.store import MANIFEST_FILE
+
+    manifest = json.loads((Path(root) / MANIFEST_FILE).read_text())
+    manifest["shards"], manifest["complete"] = manifest["shards"][:keep], False
+    (Path(root) / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return manifest
+
+
 def assert_same_store(a, b) -> None:
     """Byte-identical shards (same checksums, same arrays) and nothing else on disk."""
     import numpy as np

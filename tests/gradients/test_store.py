@@ -1,13 +1,12 @@
 """FeatureStore: resuming an interrupted store, and refusing features that do not belong together."""
 
-import json
 
 import pytest
 from datasets import Dataset
 
-from hf_less.gradients.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
+from hf_less.gradients.store import FeatureStore, IncompatibleFeaturesError
 
-from tests.testing_utils import POOL, SHARD_ROWS, STEPS, assert_same_store
+from tests.testing_utils import interrupt_store, POOL, SHARD_ROWS, STEPS, assert_same_store
 from tests.testing_utils import work_selector as selector
 
 
@@ -16,9 +15,7 @@ def test_resume_ignores_tmp_files_unlisted_and_corrupt_shards(sel, reference, tm
     store = sel.featurize(pool, tmp_path / "s", shard_rows=SHARD_ROWS, dtype="float32")
     # What a crash can leave: the manifest lists 2 shards; shard 2 was renamed into place but never
     # listed, shard 3's features died as temporary files, and a listed shard rotted on disk.
-    manifest = json.loads((store.root / MANIFEST_FILE).read_text())
-    manifest["shards"], manifest["complete"] = manifest["shards"][:2], False
-    (store.root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    manifest = interrupt_store(store.root, 2)
     for step in STEPS:
         (store.root / f"step-{step}" / "shard-000002.npy").write_bytes(b"garbage, never listed")
         (store.root / f"step-{step}" / ".shard-000003.npy.x1y2.tmp").write_bytes(b"half a shard")
@@ -42,9 +39,7 @@ def test_resume_ignores_tmp_files_unlisted_and_corrupt_shards(sel, reference, tm
 def test_resume_refuses_another_pool_or_other_settings(sel, tokenizer, work, tmp_path):
     pool = Dataset.from_list(POOL)
     store = sel.featurize(pool, tmp_path / "s", shard_rows=SHARD_ROWS, dtype="float32")
-    manifest = json.loads((store.root / MANIFEST_FILE).read_text())
-    manifest["shards"], manifest["complete"] = manifest["shards"][:2], False
-    (store.root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    interrupt_store(store.root, 2)
     shuffled = Dataset.from_list(POOL[::-1])  # same size and settings, other rows first
     with pytest.raises(IncompatibleFeaturesError, match="row 0 holds another example.*another store_dir"):
         sel.featurize(shuffled, store.root, shard_rows=SHARD_ROWS, dtype="float32")

@@ -20,10 +20,10 @@ from hf_less.cli.arguments import FeaturizeArguments
 from hf_less.gradients.quantize import (
     STORE_FORMATS, IntTargets, cosine_rows, decode, encode, row_bytes, scales, store_bytes,
 )
-from hf_less.gradients.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
+from hf_less.gradients.store import FeatureStore, IncompatibleFeaturesError
 from hf_less.scoring.less import score_store
 
-from tests.testing_utils import POOL, SHARD_ROWS, STEPS, assert_same_store, naive_dequantized
+from tests.testing_utils import interrupt_store, POOL, SHARD_ROWS, STEPS, assert_same_store, naive_dequantized
 
 QUANTIZED = ("int8", "int4", "1bit")
 
@@ -134,9 +134,7 @@ def test_unknown_formats_are_refused_before_anything_is_written(sel, tmp_path, b
 def test_interrupted_quantized_store_resumes_byte_identical(sel, stores, tmp_path, fmt):
     pool = Dataset.from_list(POOL)
     store = sel.featurize(pool, tmp_path / "s", shard_rows=SHARD_ROWS, dtype=fmt)
-    manifest = json.loads((store.root / MANIFEST_FILE).read_text())
-    manifest["shards"], manifest["complete"] = manifest["shards"][:1], False
-    (store.root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    interrupt_store(store.root, 1)
     resumed = sel.featurize(pool, store.root, shard_rows=SHARD_ROWS, dtype=fmt)
     assert_same_store(stores[fmt], resumed)
 
@@ -144,9 +142,7 @@ def test_interrupted_quantized_store_resumes_byte_identical(sel, stores, tmp_pat
 def test_resuming_in_another_format_is_refused(sel, tmp_path):
     pool = Dataset.from_list(POOL)
     store = sel.featurize(pool, tmp_path / "s", shard_rows=SHARD_ROWS, dtype="int8")
-    manifest = json.loads((store.root / MANIFEST_FILE).read_text())
-    manifest["shards"], manifest["complete"] = manifest["shards"][:2], False
-    (store.root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    interrupt_store(store.root, 2)
     for other in ("int4", "float16"):
         with pytest.raises(IncompatibleFeaturesError,
                            match=rf"differ in dtype.*It is a int8 store and this run writes {other}: resume with "

@@ -20,7 +20,7 @@ from hf_less.gradients.store import (
     StoreLockedError,
 )
 
-from tests.testing_utils import POOL, SHARD_ROWS, assert_same_store
+from tests.testing_utils import interrupt_store, POOL, SHARD_ROWS, assert_same_store
 
 META = {"representation": "test", "model": "m", "checkpoints": [{"step": 1}], "projection": None, "dim": 4,
         "dtype": "float32", "keyed": True, "rows": 6}
@@ -80,9 +80,7 @@ def test_featurize_errors_let_go_of_the_store(sel, reference, tmp_path):
     """A featurize that fails (here: another pool than the interrupted one) leaves the store to the next writer."""
     pool = Dataset.from_list(POOL)
     store = sel.featurize(pool, tmp_path / "s", shard_rows=SHARD_ROWS, dtype="float32")
-    manifest = json.loads((store.root / MANIFEST_FILE).read_text())
-    manifest["shards"], manifest["complete"] = manifest["shards"][:2], False
-    (store.root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    interrupt_store(store.root, 2)
     with pytest.raises(ValueError, match="row 0 holds another example"):
         sel.featurize(Dataset.from_list(POOL[::-1]), store.root, shard_rows=SHARD_ROWS, dtype="float32")
     assert_same_store(reference, sel.featurize(pool, store.root, shard_rows=SHARD_ROWS, dtype="float32"))

@@ -10,9 +10,9 @@ from hf_less import LessCallback, LessSelector
 from hf_less.gradients.state import find_checkpoints
 from hf_less.data import EmptyCompletionError
 from hf_less.gradients.featurizer import Featurizer, content_key
-from hf_less.gradients.store import MANIFEST_FILE, FeatureStore, IncompatibleFeaturesError
+from hf_less.gradients.store import FeatureStore, IncompatibleFeaturesError
 
-from tests.testing_utils import make_model, run_warmup, toy_tasks, write_fake_warmup
+from tests.testing_utils import interrupt_store, make_model, run_warmup, toy_tasks, write_fake_warmup
 
 POOL = toy_tasks(6, seed=2)  # 12 rows
 TARGETS = [r for r in toy_tasks(3, seed=3) if r["task"] == "math"]
@@ -134,9 +134,7 @@ def test_an_interrupted_stream_resumes_to_the_same_store(sel, reference, tmp_pat
 def interrupted(sel, root, shards=2):
     """A store of the pool with its first ``shards`` shards only, as an interrupted run leaves it."""
     store = sel.featurize(stream(), root, shard_rows=SHARD_ROWS, dtype="float32")
-    manifest = json.loads((store.root / MANIFEST_FILE).read_text())
-    manifest["shards"], manifest["complete"] = manifest["shards"][:shards], False
-    (store.root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    interrupt_store(store.root, shards)
     return FeatureStore(root)
 
 
