@@ -313,12 +313,20 @@ class HubCorrection:
 
     def pool(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per checkpoint ``(B, d)`` pool features -> the features the cosine is taken of."""
+        if self.needs_statistics and self.statistics is not None and len(self.statistics) != len(features):
+            raise RuntimeError(f"The pool's statistics are of {len(self.statistics)} checkpoints, the features of "
+                               f"{len(features)}: fit them on the same checkpoints (HubCorrection.fit).")
+        return [self.checkpoint_pool(f, i) for i, f in enumerate(features)]
+
+    def checkpoint_pool(self, features: torch.Tensor, i: int) -> torch.Tensor:
+        """Checkpoint ``i``'s ``(B, d)`` pool features (any positive multiple of each row) -> the features
+        the cosine is taken of: :meth:`pool` one checkpoint at a time, as a store is scored."""
         if not self.needs_statistics:
-            return list(features)
-        if self.statistics is None or len(self.statistics) != len(features):
-            raise RuntimeError("hub_correction={!r} needs the pool's statistics first (HubCorrection.fit).".format(
-                self.kind))
-        return [centered(f, s) for f, s in zip(features, self.statistics)]
+            return features
+        if self.statistics is None or not 0 <= i < len(self.statistics):
+            raise RuntimeError(f"hub_correction={self.kind!r} needs the pool's statistics first (checkpoint {i} has "
+                               "none: HubCorrection.fit).")
+        return centered(features, self.statistics[i])
 
     def sims(self, sims: torch.Tensor, reference_sims: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T)`` LESS similarities -> corrected ones (only ``"csls"`` changes them here)."""

@@ -569,39 +569,20 @@ class LessSelector(TargetScorer):
         if not store.complete:
             raise ValueError(f"The feature store {str(store.root)!r} is incomplete; finish featurize() first.")
         rows = None if pool is None else self.store_rows(store, pool)
-        if self.hub.kind is None:  # LESS as published: the packed rows scored as they are (quantize's integer path)
-            scores, sims = score_store(store, self.target_features, [c.step for c in self.checkpoints],
-                                       [c.weight for c in self.checkpoints],
-                                       self.subtask_ids if len(self.subtask_names) > 1 else None, chunk_rows,
-                                       precision)
-        else:
-            if self.hub.needs_statistics:  # the statistics of the pool scored
-                self._fit_hub([(store, c.step) for c in self.checkpoints], chunk_rows)
-            scores, sims = self._score_store_rows(store, chunk_rows, precision)
+        if self.hub.needs_statistics:  # the statistics of the pool scored
+            self._fit_hub([(store, c.step) for c in self.checkpoints], chunk_rows)
+        scores, sims = score_store(store, self.target_features, [c.step for c in self.checkpoints],
+                                   [c.weight for c in self.checkpoints],
+                                   self.subtask_ids if len(self.subtask_names) > 1 else None, chunk_rows, precision,
+                                   hub=self.hub if self.hub.kind is not None else None,
+                                   reference_features=self.hub_reference)
         return (scores, sims) if rows is None else (scores[rows], sims[rows])
-
-    def _score_store_rows(self, store: FeatureStore, chunk_rows: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
-        """Scores of every store row, in store order, with the hub correction (on decoded float features)."""
-        arrays = [store.features(c.step) for c in self.checkpoints]
-        n = len(arrays[0])
-        scores = np.empty(n, dtype=np.float32)
-        sims = np.empty((n, self.num_targets), dtype=np.float32)
-        multi = self.subtask_ids if len(self.subtask_names) > 1 else None
-        for start in range(0, n, chunk_rows):
-            stop = min(n, start + chunk_rows)
-            # stored dtype in, float32 inside weighted_sims: torch converts on every core, numpy on one
-            pool = [torch.from_numpy(a.read(start, stop)) for a in arrays]
-            s = self._hub_sims(pool, precision)
-            sims[start:stop] = s.numpy()
-            scores[start:stop] = less_score(s, multi).numpy()
-        skipped = store.skipped_rows()
-        scores[skipped], sims[skipped] = -np.inf, -np.inf  # no completion token: never selected
-        return scores, sims
 
 
 def score_store(store: FeatureStore, target_features: Sequence[torch.Tensor], steps: Sequence[int],
                 weights: Sequence[float], subtask_ids: torch.Tensor | None = None, chunk_rows: int = 16384,
-                precision: str = "float32", integer: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                precision: str = "float32", integer: bool | None = None, hub: HubCorrection | None = None,
+                reference_features: Sequence[torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The scoring loop of :meth:`LessSelector.score_store`, without the checks of the store's identity.
 
     Args:
@@ -611,6 +592,11 @@ def score_store(store: FeatureStore, target_features: Sequence[torch.Tensor], st
         subtask_ids: ``(T,)`` subtask of each target (``None``: one subtask).
         integer: multiply a quantized store's codes in integers (``None``: whenever
             :func:`hf_less.gradients.quantize.integer_product` allows), or unpack them to float32 (``False``).
+            ``"center"``/``"pca"`` corrections always take the float path (they change the pool rows).
+        hub: a hubness correction (its pool statistics fitted for ``"center"``/``"pca"``), applied to
+            each checkpoint's pool rows, then to the summed similarities (``"csls"``).
+        reference_features: ``"csls"``: per checkpoint, ``(R, d)`` reference target features
+            (``None``: the targets themselves).
     Returns:
         ``(less_score (N,), less_sims (N, T))`` float32; skipped rows ``-inf``.
     """
@@ -618,9 +604,12 @@ def score_store(store: FeatureStore, target_features: Sequence[torch.Tensor], st
     n = len(arrays[0])
     scores = np.empty(n, dtype=np.float32)
     sims = np.empty((n, len(target_features[0])), dtype=np.float32)
-    ints = (integer_product(store.format, arrays[0].dim) if integer is None
-            else bool(integer) and store.format in QUANTIZED_FORMATS)
+    reshape = hub is not None and hub.needs_statistics
+    ints = not reshape and (integer_product(store.format, arrays[0].dim) if integer is None
+                            else bool(integer) and store.format in QUANTIZED_FORMATS)
+    refs = reference_features if hub is not None and hub.kind == "csls" else None
     targets = [IntTargets(t) for t in target_features] if ints else list(target_features)
+    references = None if refs is None else [IntTargets(t) for t in refs] if ints else list(refs)
     fmt, dim = store.format, arrays[0].dim
 
     # (chunk, checkpoint) pairs in reading order; the next pair's rows are read by a thread while this one's
@@ -635,6 +624,7 @@ def score_store(store: FeatureStore, target_features: Sequence[torch.Tensor], st
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(read, 0) if units else None
         s: torch.Tensor | None = None
+        r: torch.Tensor | None = None  # the same sums against the csls reference targets
         for u, (start, i) in enumerate(units):
             raw = ahead.result()
             if u + 1 < len(units):
@@ -643,12 +633,21 @@ def score_store(store: FeatureStore, target_features: Sequence[torch.Tensor], st
             # float product (see hf_less.gradients.quantize).
             if ints:
                 part = targets[i].cosines(raw, fmt).mul_(float(weights[i]))
+                ref = None if references is None else references[i].cosines(raw, fmt).mul_(float(weights[i]))
             else:
-                part = weighted_sims([cosine_rows(raw, fmt, dim)], [targets[i]], [weights[i]], precision)
+                rows = cosine_rows(raw, fmt, dim)
+                if reshape:
+                    rows = hub.checkpoint_pool(rows, i)  # scale-free: codes are multiples of the decoded rows
+                part = weighted_sims([rows], [targets[i]], [weights[i]], precision)
+                ref = None if references is None else weighted_sims([rows], [references[i]], [weights[i]], precision)
             del raw
             s = part if i == 0 else s.add_(part)
+            if ref is not None:
+                r = ref if i == 0 else r.add_(ref)
             if i == len(arrays) - 1:
                 stop = min(n, start + chunk_rows)
+                if hub is not None:
+                    s = hub.sims(s, r)
                 sims[start:stop] = s.numpy()
                 scores[start:stop] = less_score(s, subtask_ids).numpy()
     skipped = store.skipped_rows()

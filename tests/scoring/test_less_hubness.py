@@ -21,14 +21,14 @@ def unit(x):
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def dense_sims(selector, store, components=0):
-    """sum_i w_i cos(p_i', t_i): p' = unit(p) - mean, minus its top-component part (SVD), written densely."""
+def dense_sims(selector, store, components=0, center=True):
+    """sum_i w_i cos(p_i', t_i): p' = unit(p) - mean, minus its top-component part (SVD), written densely
+    (``center=False``: p' = p, LESS's own similarities)."""
     feats, keep = store_features(selector, store)
     out = 0
     for f, t, c in zip(feats, selector.target_features, selector.checkpoints):
         u = unit(f)
-        mu = u[keep].mean(0)
-        x = u - mu
+        x = u - u[keep].mean(0) if center else u
         if components:
             _, _, vh = torch.linalg.svd(x[keep], full_matrices=False)
             top = vh[:components].T
@@ -121,3 +121,19 @@ def test_statistics_come_from_the_captured_pool_without_featurizing(
         x = x - x @ vh[:1].T @ vh[:1]
         want = want + c.weight * unit(x) @ unit(t.double()).T
     np.testing.assert_allclose(sims, want.numpy(), atol=2e-4)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "1bit"])
+def test_corrections_of_a_quantized_store_equal_dense_ones_of_its_decoded_rows(tokenizer, warmup, pool, targets,  # noqa: F811
+                                                                               tmp_path, fmt):
+    store = make_selector(tokenizer, warmup, targets, proj_dim=128).featurize(pool, tmp_path / fmt, shard_rows=5,
+                                                                              dtype=fmt)
+    centered = make_selector(tokenizer, warmup, targets, proj_dim=128, hub_correction="center")
+    np.testing.assert_allclose(centered.score_store(store, chunk_rows=4)[1], dense_sims(centered, store), atol=2e-4)
+    # csls on the integer path (int8 codes times the targets and the reference targets): the same as on decoded rows
+    plain = dense_sims(centered, store, center=False)
+    got = make_selector(tokenizer, warmup, targets, proj_dim=128, hub_correction="csls",
+                        hub_csls_k=2).score_store(store, chunk_rows=4)[1]
+    keep = ~np.isin(np.arange(store.num_rows), store.skipped_rows())
+    want = plain - np.sort(plain, 1)[:, ::-1][:, :2].mean(1, keepdims=True)
+    np.testing.assert_allclose(got[keep], want[keep], atol=2e-4)
