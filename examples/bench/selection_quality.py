@@ -33,6 +33,10 @@ of the k-occurrence, ``--hub_k``). ``--target_set hubs`` is a second target set 
 keeps date_understanding in the pool. ``--hub_corrections center pca csls sgd`` adds LESS-topk under each remedy
 (per target and training seed, first budget) and a table of their target loss against LESS-topk.
 
+Store formats (issue 24): ``--store_formats int8 int4 1bit`` scores the pool from the captured float16 features
+re-encoded in each format (no second featurization), reports the top-k overlap and the Spearman correlation of
+its LESS scores with float16's, and trains LESS-topk on its selection (per target and training seed, first budget).
+
 Resumable: finished cells are kept in OUT/cells.json (and each target's scores in OUT/scores_*.npz);
 run the same command again to continue. Writes OUT/results.md (the table) and OUT/results.png.
 
@@ -42,6 +46,7 @@ run the same command again to continue. Writes OUT/results.md (the table) and OU
     python examples/bench/selection_quality.py --transfer --quick     # transfer, about 30 min on 2 CPU cores
     python examples/bench/selection_quality.py --transfer             # transfer, 6 targets, a few CPU hours
     python examples/bench/selection_quality.py --transfer --store_dtype int4   # the same from int4 features
+    python examples/bench/selection_quality.py --transfer --store_formats int8 int4 1bit   # formats vs float16
     python examples/bench/selection_quality.py --transfer --distance --ablate warmup_epochs=1,4 proj_dim=2048,8192
     python examples/bench/selection_quality.py --transfer --target_set hubs --hub_corrections center pca csls sgd
 """
@@ -784,21 +789,25 @@ def _loss_stats(cells: dict, prefix: str, seeds=None) -> tuple[float, float] | N
     return statistics.mean(got), statistics.stdev(got) if len(got) > 1 else 0.0
 
 
-def hub_loss_table(cells: dict, targets: list[str], budget: float, names: list[str], seeds: list[int]) -> str:
-    """Per remedy (cells ``hub|NAME|TARGET|BUDGET|LESS-topk|SEED``) against LESS-topk without it, on the same seeds.
+def variant_loss_table(cells: dict, targets: list[str], budget: float, names: list[str], seeds: list[int],
+                       prefix: str = "hub", what: str = "remedy", extra: dict[str, str] | None = None) -> str:
+    """Per variant (cells ``PREFIX|NAME|TARGET|BUDGET|LESS-topk|SEED``: a hub remedy, a store format) against
+    LESS-topk as run (cells ``transfer|...``), on the same seeds.
 
-    lower = targets where the remedy's mean loss is below LESS-topk's; beyond the spread = its mean + sd below
-    LESS-topk's mean - sd; raised = LESS-topk's mean + sd below the remedy's mean - sd (the adoption rule of
-    issue 25: lower on two thirds of the targets of both sets, never raised beyond the spread).
+    lower = targets where the variant's mean loss is below LESS-topk's; beyond the spread = its mean + sd below
+    LESS-topk's mean - sd; raised = LESS-topk's mean + sd below the variant's mean - sd (the adoption rule of
+    issue 25: lower on two thirds of the targets of both sets, never raised beyond the spread). ``extra``: more
+    columns, a header -> per name its cell text (e.g. the agreement of a format's scores with float16's).
     """
-    lines = [f"Hubness remedies at {budget:.0%}, LESS-topk with each remedy against LESS-topk without it (training "
-             f"seeds {seeds}); loss / random = mean over targets of the loss over random's mean loss.", "",
-             "| remedy | targets | mean loss | LESS-topk mean loss | loss / random | lower | lower beyond the spread "
-             "| raised beyond the spread |", "|---|---|---|---|---|---|---|---|"]
+    extra = extra or {}
+    head = "".join(f" {h} |" for h in extra)
+    lines = ["| " + what + " | targets | mean loss | LESS-topk mean loss | loss / random | lower | lower beyond the spread "
+             "| raised beyond the spread |" + head, "|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for name in names:
+        more = "".join(f" {col.get(name, '-')} |" for col in extra.values())
         losses, bases, ratios, lower, beyond, raised = [], [], [], 0, 0, 0
         for target in targets:
-            m = _loss_stats(cells, f"hub|{name}|{target}|{budget}|LESS-topk|", seeds)
+            m = _loss_stats(cells, f"{prefix}|{name}|{target}|{budget}|LESS-topk|", seeds)
             b = _loss_stats(cells, f"transfer|{target}|{budget}|LESS-topk|", seeds)
             r = _loss_stats(cells, f"transfer|{target}|{budget}|random|")
             if m is None or b is None:
@@ -811,12 +820,96 @@ def hub_loss_table(cells: dict, targets: list[str], budget: float, names: list[s
             beyond += m[0] + m[1] < b[0] - b[1]
             raised += b[0] + b[1] < m[0] - m[1]
         if not losses:
-            lines.append(f"| {name} | 0 | - | - | - | - | - | - |")
+            lines.append(f"| {name} | 0 | - | - | - | - | - | - |{more}")
             continue
         ratio = f"{statistics.mean(ratios):.3f}" if ratios else "-"
         lines.append(f"| {name} | {len(losses)} | {statistics.mean(losses):.3f} | {statistics.mean(bases):.3f} | "
-                     f"{ratio} | {lower}/{len(losses)} | {beyond}/{len(losses)} | {raised}/{len(losses)} |")
+                     f"{ratio} | {lower}/{len(losses)} | {beyond}/{len(losses)} | {raised}/{len(losses)} |{more}")
     return "\n".join(lines) + "\n"
+
+
+def hub_loss_table(cells: dict, targets: list[str], budget: float, names: list[str], seeds: list[int]) -> str:
+    """Per remedy (cells ``hub|NAME|...``) against LESS-topk without it: :func:`variant_loss_table`."""
+    return (f"Hubness remedies at {budget:.0%}, LESS-topk with each remedy against LESS-topk without it (training "
+            f"seeds {seeds}); loss / random = mean over targets of the loss over random's mean loss.\n\n"
+            + variant_loss_table(cells, targets, budget, names, seeds))
+
+
+# Store formats (issue 24): LESS from the float16 capture re-encoded in a quantized format, each a LESS-topk row.
+STORE_FORMATS = ("int8", "int4", "1bit")
+
+
+def format_cache(out: Path, fmt: str) -> Path:
+    return out / "format" / fmt / "less_sims.npz"
+
+
+def format_sims(base, tokenizer, pool, all_targets, out: Path, args, fmt: str, compute: bool = True):
+    """LESS's ``(N, T)`` similarities from a ``fmt`` store (cached; None when not cached and not ``compute``).
+
+    The warmup's captured float16 pool features, per checkpoint, packed in ``fmt`` as ``featurize(dtype=fmt)``
+    packs its rows (:func:`hf_less.gradients.quantize.encode`) and decoded, against the captured target
+    features: what scoring a ``fmt`` store gives (within 1e-4, tests/gradients/test_store_formats.py), without a
+    second featurization. The one difference from a store written in ``fmt``: the values were rounded to
+    float16 first.
+    """
+    cache = format_cache(out, fmt)
+    if cache.exists():
+        return np.load(cache)["less_sims"]
+    if not compute:
+        return None
+    from hf_less import LessSelector
+    from hf_less.gradients.quantize import decode, encode
+    from hf_less.gradients.store import FeatureStore
+    from hf_less.scoring.similarity import weighted_sims
+
+    t = time.time()
+    less = LessSelector(copy.deepcopy(base), out / "warmup", all_targets, tokenizer=tokenizer, proj_dim=args.proj_dim,
+                        proj_kind=args.proj_kind, pool_direction=args.pool_direction, max_length=args.max_length,
+                        batch_size=args.batch_size)
+    rows, skipped = [], np.zeros(len(pool), dtype=bool)
+    for c in less.checkpoints:
+        store = FeatureStore(c.captured("pool"))
+        order = less.store_rows(store, pool)  # pool row i -> its store row
+        skipped |= np.isin(order, store.skipped_rows())
+        stored = store.features(c.step)
+        x = stored.take(order).astype(np.float32)
+        rows.append(torch.from_numpy(decode(encode(x, fmt), fmt, stored.dim)))
+    sims = weighted_sims(rows, less.target_features, [c.weight for c in less.checkpoints]).numpy()
+    sims[skipped] = -np.inf  # no completion token: never selected, as a store scores them
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, less_sims=sims, seconds=time.time() - t)
+    return sims
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho of two score vectors over their finite entries (ranks by argsort; ties are rare here)."""
+    keep = np.isfinite(a) & np.isfinite(b)
+    ra, rb = (np.argsort(np.argsort(v[keep])).astype(np.float64) for v in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def format_agreement(features: dict, sims: np.ndarray, targets: list[str], budget: float, n: int) -> dict[str, float]:
+    """A format's agreement with the float16 scores, mean over targets: the top-k overlap of LESS-topk and the
+    Spearman correlation of the LESS scores (each target's mean similarity)."""
+    k = selectors.resolve_budget(budget, n)
+    overlaps, rhos = [], []
+    for target in targets:
+        ref, got = target_scores(features, target), target_scores({**features, "less_sims": sims}, target)
+        overlaps.append(len(set(select("LESS-topk", k, 0, ref, n)) & set(select("LESS-topk", k, 0, got, n))) / k)
+        rhos.append(rank_correlation(ref["less_score"], got["less_score"]))
+    return {"overlap": statistics.mean(overlaps), "spearman": statistics.mean(rhos), "min_spearman": min(rhos)}
+
+
+def format_table(cells: dict, targets: list[str], budget: float, formats: dict[str, dict], seeds: list[int]) -> str:
+    """Per store format: its agreement with float16 (:func:`format_agreement`) and LESS-topk's target loss on
+    its selection against float16's (:func:`variant_loss_table`)."""
+    names = list(formats)
+    extra = {f"top-{budget:.0%} overlap with float16": {f: f"{a['overlap']:.0%}" for f, a in formats.items()},
+             "Spearman with float16 (min over targets)": {
+                 f: f"{a['spearman']:.4f} ({a['min_spearman']:.4f})" for f, a in formats.items()}}
+    return (f"Store formats at {budget:.0%}: LESS-topk on the selection of each format's scores against float16's "
+            f"(the captured features re-encoded; training seeds {seeds}).\n\n"
+            + variant_loss_table(cells, targets, budget, names, seeds, prefix="format", what="format", extra=extra))
 
 
 def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path, t0: float, ev: dict) -> str:
@@ -842,6 +935,8 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
     diagnostics: dict = {}
     hub_names = [remedy_name(r, args) for r in args.hub_corrections]
     remedies: dict[str, np.ndarray] = {}  # remedy name -> LESS's (N, T) similarities under it
+    formats: dict[str, np.ndarray] = {}  # store format -> LESS's (N, T) similarities from a store in it
+    agreement: dict[str, dict] = {}  # store format -> its agreement with the float16 scores
     hub_text = ""
 
     def header(elapsed: float) -> str:
@@ -880,6 +975,8 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
             text += "\n" + hub_text
         if hub_names:
             text += "\n" + hub_loss_table(cells, targets, args.budgets[0], hub_names, args.seeds)
+        if agreement:
+            text += "\n" + format_table(cells, targets, args.budgets[0], agreement, args.seeds)
         (out / "results.md").write_text(text)
         return text
 
@@ -912,10 +1009,16 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
         evaluate(base, missing, "zero-shot", "-", 0, 0, time.time())
     features = transfer_features(base, tokenizer, pool, per_target, out, args)
     print(f"[{time.time() - t0:7.0f}s] scores of every representation ready", flush=True)
-    if hub_names:
+    if hub_names or args.store_formats:
         from datasets import concatenate_datasets
 
         hub_targets = text_only(concatenate_datasets([per_target[t][0] for t in targets]))
+    for fmt in args.store_formats:
+        formats[fmt] = format_sims(base, tokenizer, text_only(pool), hub_targets, out, args, fmt)
+        agreement[fmt] = format_agreement(features, formats[fmt], targets, args.budgets[0], n)
+        print(f"[{time.time() - t0:7.0f}s] {fmt}: " + ", ".join(f"{k} {v:.4f}" for k, v in agreement[fmt].items()),
+              flush=True)
+    if hub_names:
         for remedy, name in zip(args.hub_corrections, hub_names):
             # --report_only computes the cheap remedies (captured features) but featurizes nothing (sgd: cached only)
             sims = hub_sims(base, tokenizer, text_only(pool), hub_targets, out, args, remedy,
@@ -959,16 +1062,18 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                     t = time.time()
                     rows = select(method, k, seed, scores, n)
                     evaluate(train(rows, seed, args.epochs), [target], method, budget, seed, len(rows), t)
-    if remedies:  # LESS-topk under each remedy, per target, on the training seeds (first budget)
-        budget = args.budgets[0]
-        k = selectors.resolve_budget(budget, n)
-        for name, sims in remedies.items():
-            sub = {**features, "less_sims": sims}
-            for target in targets:
-                for seed in args.seeds:
-                    key = f"hub|{name}|{target}|{budget}|LESS-topk|{seed}"
-                    if key not in cells:
-                        analysis_cell(key, select("LESS-topk", k, seed, target_scores(sub, target), n), target, seed)
+    # LESS-topk under each hub remedy and from each store format, per target, on the training seeds (first budget)
+    variants = [("hub", name, sims) for name, sims in remedies.items()] + [
+        ("format", fmt, sims) for fmt, sims in formats.items()]
+    budget = args.budgets[0]
+    k = selectors.resolve_budget(budget, n)
+    for prefix, name, sims in variants:
+        sub = {**features, "less_sims": sims}
+        for target in targets:
+            for seed in args.seeds:
+                key = f"{prefix}|{name}|{target}|{budget}|LESS-topk|{seed}"
+                if key not in cells:
+                    analysis_cell(key, select("LESS-topk", k, seed, target_scores(sub, target), n), target, seed)
     if args.distance:
         from hf_less.selection.distance import subset_distances
 
@@ -1037,6 +1142,10 @@ def main() -> None:
                         "LessSelector(hub_correction=...) on the captured features; sgd: pool_direction=sgd, "
                         "featurized anew), per target and training seed at the first budget, with a table against "
                         "LESS-topk. The hubness figures of each remedy join the report's hubness table.")
+    p.add_argument("--store_formats", nargs="*", default=[], choices=STORE_FORMATS,
+                   help="Transfer mode (issue 24): LESS-topk from the captured float16 features re-encoded in each "
+                        "store format, per target and training seed at the first budget, with the top-k overlap and "
+                        "the Spearman correlation of its scores with float16's.")
     p.add_argument("--hub_pca_components", type=int, default=1, help="--hub_corrections pca: components removed.")
     p.add_argument("--hub_csls_k", type=int, default=10,
                    help="--hub_corrections csls: nearest target examples (of all the targets) in a row's penalty.")
@@ -1095,6 +1204,9 @@ def main() -> None:
         p.error("--distance is an analysis of the transfer mode; add --transfer.")
     if (args.hub_corrections or args.target_set != "base" or args.pool_include) and not args.transfer:
         p.error("--target_set, --pool_include and --hub_corrections are options of the transfer mode; add --transfer.")
+    if args.store_formats and (not args.transfer or args.store_dtype != "float16"):
+        p.error("--store_formats compares quantized stores with the float16 capture of the transfer mode: add "
+                "--transfer, without --store_dtype.")
     if args.store_dtype != "float16" and not args.transfer:
         p.error("--store_dtype applies to the transfer mode's captured features; add --transfer.")
     quick = args.quick

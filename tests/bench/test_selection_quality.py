@@ -272,3 +272,68 @@ def test_hub_sims_reads_the_captured_features_and_caches_them(sq, tokenizer, tmp
                                plain - np.sort(plain, 1)[:, -2:].mean(1, keepdims=True), atol=1e-5)
     assert (tmp_path / "hub" / "csls2" / "less_sims.npz").exists()
     assert not any(calls)  # no pool example featurized again: the captured features are read
+
+
+# -- store formats (issue 24) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,atol", [("int8", 2e-3), ("1bit", 2e-2)])
+def test_format_sims_score_the_capture_as_a_store_written_in_the_format(sq, tokenizer, tmp_path, monkeypatch, fmt,
+                                                                        atol):
+    from datasets import Dataset
+
+    from hf_less import LessCallback, LessSelector
+    from hf_less.gradients.featurizer import Featurizer
+    from hf_less.gradients.projection import DEFAULT_KIND
+    from tests.testing_utils import make_model, run_warmup, toy_tasks
+
+    pool = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in toy_tasks(4, seed=2)])
+    targets = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in toy_tasks(2, seed=3)])
+    run_warmup(tmp_path / "warmup", tokenizer, LessCallback(pool=pool, targets=targets, proj_dim=64, max_length=64,
+                                                            show_progress=False))
+    args = argparse.Namespace(proj_dim=64, proj_kind=DEFAULT_KIND, pool_direction="adam", max_length=64, batch_size=4)
+    base = make_model(len(tokenizer))
+    assert sq.format_sims(base, tokenizer, pool, targets, tmp_path, args, fmt, compute=False) is None
+    calls = []
+    featurize = Featurizer.__call__
+    monkeypatch.setattr(Featurizer, "__call__", lambda self, encoded, moments, *a, **k: calls.append(
+        moments is not None) or featurize(self, encoded, moments, *a, **k))
+    sims = sq.format_sims(base, tokenizer, pool.shuffle(seed=0), targets, tmp_path, args, fmt)
+    assert not any(calls)  # read from the capture, nothing featurized again
+    np.testing.assert_array_equal(sq.format_sims(base, tokenizer, pool, targets, tmp_path, args, fmt, compute=False),
+                                  sims)  # cached in OUT/format/FMT/less_sims.npz
+    # the reference: the pool featurized into a store of that format, then scored (in the shuffled pool's order)
+    selector = LessSelector(make_model(len(tokenizer)), tmp_path / "warmup", targets, tokenizer=tokenizer,
+                            proj_dim=64, max_length=64, show_progress=False, use_captured=False)
+    store = selector.featurize(pool, tmp_path / "store", dtype=fmt)
+    want = selector.score_store(store, pool.shuffle(seed=0))[1]
+    np.testing.assert_allclose(sims, want, atol=atol)
+    assert np.isfinite(sims).all() == np.isfinite(want).all()
+
+
+def test_format_agreement_overlap_and_spearman(sq):
+    rng = np.random.default_rng(0)
+    sims = rng.standard_normal((20, 4)).astype(np.float32)
+    features = {f"{rep}_sims": sims for rep in sq.REPRESENTATIONS} | {
+        "ifd": np.zeros(20), "target_task": np.array(["a", "a", "b", "b"])}
+    same = sq.format_agreement(features, sims.copy(), ["a", "b"], 0.25, 20)
+    assert same == {"overlap": 1.0, "spearman": pytest.approx(1.0), "min_spearman": pytest.approx(1.0)}
+    flipped = sims.copy()
+    flipped[:, 2:] *= -1  # target b's scores reversed: its top 5 are its bottom 5
+    got = sq.format_agreement(features, flipped, ["a", "b"], 0.25, 20)
+    assert got["overlap"] == pytest.approx(0.5) and got["min_spearman"] == pytest.approx(-1.0)
+    assert got["spearman"] == pytest.approx(0.0)
+    assert sq.rank_correlation(np.array([1.0, 2.0, -np.inf, 3.0]), np.array([3.0, 2.0, 0.0, 1.0])) == pytest.approx(-1)
+
+
+def test_format_table_compares_each_format_with_float16_on_the_same_seeds(sq):
+    cells = {}
+    for seed, (base, int8) in enumerate(((1.0, 0.9), (1.2, 1.0))):
+        cells[f"transfer|a|0.05|LESS-topk|{seed}"] = {"target_loss": base}
+        cells[f"format|int8|a|0.05|LESS-topk|{seed}"] = {"target_loss": int8}
+        cells[f"hub|int8|a|0.05|LESS-topk|{seed}"] = {"target_loss": 9.0}  # another variant's cells: not read
+    text = sq.format_table(cells, ["a"], 0.05, {"int8": {"overlap": 0.9, "spearman": 0.99, "min_spearman": 0.98},
+                                                "1bit": {"overlap": 0.5, "spearman": 0.8, "min_spearman": 0.7}},
+                           [0, 1])
+    assert "| int8 | 1 | 0.950 | 1.100 | - | 1/1 | 0/1 | 0/1 | 90% | 0.9900 (0.9800) |" in text
+    assert "| 1bit | 0 | - | - | - | - | - | - | 50% | 0.8000 (0.7000) |" in text
