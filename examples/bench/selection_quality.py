@@ -1038,7 +1038,8 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                     diagnostics[(name, value)] = ablation_diagnostics(
                         features, {**features, "less_sims": np.load(cache)["less_sims"]}, targets, args.budgets[0], n)
         return finish()
-    for seed in args.seeds:
+    trained = [m for m in METHODS if m in (args.methods or METHODS)]
+    for seed in args.seeds if "full pool" in trained else []:
         missing = [t for t in targets if key_of(t, "-", "full pool", seed) not in cells]
         if missing:
             t = time.time()
@@ -1047,7 +1048,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
         k = selectors.resolve_budget(budget, n)
         # Target-independent selections: one training, evaluated on every target.
         for method, seeds in (("random", args.random_seeds), ("IFD", args.seeds)):
-            for seed in seeds:
+            for seed in seeds if method in trained else []:
                 missing = [t for t in targets if key_of(t, budget, method, seed) not in cells]
                 if missing:
                     t = time.time()
@@ -1055,7 +1056,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                              seed, k, t)
         for target in targets:
             scores = target_scores(features, target)
-            for method in [m for m in METHODS[3:] if m != "IFD"]:
+            for method in [m for m in trained[3:] if m != "IFD"]:
                 for seed in args.seeds:
                     if key_of(target, budget, method, seed) in cells:
                         continue
@@ -1166,6 +1167,10 @@ def main() -> None:
                    help="BIG-bench target tasks (multiple-choice ones get MC accuracy, others exact match). Default: "
                         "sports_understanding object_counting; --transfer: " + " ".join(TRANSFER_TARGETS) +
                         "; --transfer --quick: " + " ".join(QUICK_TARGETS) + ".")
+    p.add_argument("--methods", nargs="+", default=None, choices=[m for m in METHODS if m != "zero-shot"],
+                   help="--transfer: train only these methods' selections (default: all); the other cells are kept "
+                        "and reported. E.g. --methods LESS-topk random with --hub_corrections trains what the remedy "
+                        "table needs first.")
     p.add_argument("--budgets", nargs="+", type=float, default=None,
                    help="Fractions of the pool (default 0.05 0.1; --quick: 0.05).")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
@@ -1204,6 +1209,8 @@ def main() -> None:
         p.error("--distance is an analysis of the transfer mode; add --transfer.")
     if (args.hub_corrections or args.target_set != "base" or args.pool_include) and not args.transfer:
         p.error("--target_set, --pool_include and --hub_corrections are options of the transfer mode; add --transfer.")
+    if args.methods and not args.transfer:
+        p.error("--methods chooses the transfer mode's trainings; add --transfer.")
     if args.store_formats and (not args.transfer or args.store_dtype != "float16"):
         p.error("--store_formats compares quantized stores with the float16 capture of the transfer mode: add "
                 "--transfer, without --store_dtype.")
