@@ -869,7 +869,8 @@ def format_sims(base, tokenizer, pool, all_targets, out: Path, args, fmt: str, c
     rows, skipped = [], np.zeros(len(pool), dtype=bool)
     for c in less.checkpoints:
         store = FeatureStore(c.captured("pool"))
-        order = less.store_rows(store, pool)  # pool row i -> its store row
+        order = less.store_rows(store, pool)  # pool row i -> its store row (None: the same order)
+        order = np.arange(store.num_rows) if order is None else order
         skipped |= np.isin(order, store.skipped_rows())
         stored = store.features(c.step)
         x = stored.take(order).astype(np.float32)

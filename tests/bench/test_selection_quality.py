@@ -298,15 +298,20 @@ def test_format_sims_score_the_capture_as_a_store_written_in_the_format(sq, toke
     featurize = Featurizer.__call__
     monkeypatch.setattr(Featurizer, "__call__", lambda self, encoded, moments, *a, **k: calls.append(
         moments is not None) or featurize(self, encoded, moments, *a, **k))
-    sims = sq.format_sims(base, tokenizer, pool.shuffle(seed=0), targets, tmp_path, args, fmt)
-    assert not any(calls)  # read from the capture, nothing featurized again
+    in_order = sq.format_sims(base, tokenizer, pool, targets, tmp_path, args, fmt)  # the capture's own order
     np.testing.assert_array_equal(sq.format_sims(base, tokenizer, pool, targets, tmp_path, args, fmt, compute=False),
-                                  sims)  # cached in OUT/format/FMT/less_sims.npz
+                                  in_order)  # cached in OUT/format/FMT/less_sims.npz
+    sq.format_cache(tmp_path, fmt).unlink()
+    perm = np.random.default_rng(0).permutation(len(pool))
+    shuffled = pool.select(perm)
+    sims = sq.format_sims(base, tokenizer, shuffled, targets, tmp_path, args, fmt)  # rows matched by content
+    assert not any(calls)  # read from the capture, nothing featurized again
+    np.testing.assert_array_equal(sims, in_order[perm])
     # the reference: the pool featurized into a store of that format, then scored (in the shuffled pool's order)
     selector = LessSelector(make_model(len(tokenizer)), tmp_path / "warmup", targets, tokenizer=tokenizer,
                             proj_dim=64, max_length=64, show_progress=False, use_captured=False)
     store = selector.featurize(pool, tmp_path / "store", dtype=fmt)
-    want = selector.score_store(store, pool.shuffle(seed=0))[1]
+    want = selector.score_store(store, shuffled)[1]
     np.testing.assert_allclose(sims, want, atol=atol)
     assert np.isfinite(sims).all() == np.isfinite(want).all()
 
