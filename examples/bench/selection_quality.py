@@ -1057,7 +1057,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                              seed, k, t)
         for target in targets:
             scores = target_scores(features, target)
-            for method in [m for m in trained[3:] if m != "IFD"]:
+            for method in [m for m in METHODS[3:] if m in trained and m != "IFD"]:
                 for seed in args.seeds:
                     if key_of(target, budget, method, seed) in cells:
                         continue
