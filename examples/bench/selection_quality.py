@@ -913,6 +913,12 @@ def format_table(cells: dict, targets: list[str], budget: float, formats: dict[s
             + variant_loss_table(cells, targets, budget, names, seeds, prefix="format", what="format", extra=extra))
 
 
+def methods_to_train(chosen: list[str] | None) -> tuple[list[str], list[str]]:
+    """``--methods`` -> (every method to train, in METHODS order; those trained per target). ``None``: all."""
+    trained = [m for m in METHODS if m != "zero-shot" and (chosen is None or m in chosen)]
+    return trained, [m for m in trained if m not in ("random", "full pool", "IFD")]
+
+
 def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path, t0: float, ev: dict) -> str:
     """The transfer benchmark: one shared pool without the target tasks, every target scored against it.
 
@@ -1039,7 +1045,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                     diagnostics[(name, value)] = ablation_diagnostics(
                         features, {**features, "less_sims": np.load(cache)["less_sims"]}, targets, args.budgets[0], n)
         return finish()
-    trained = [m for m in METHODS if m in (args.methods or METHODS)]
+    trained, per_target_methods = methods_to_train(args.methods)
     for seed in args.seeds if "full pool" in trained else []:
         missing = [t for t in targets if key_of(t, "-", "full pool", seed) not in cells]
         if missing:
@@ -1057,7 +1063,7 @@ def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path
                              seed, k, t)
         for target in targets:
             scores = target_scores(features, target)
-            for method in [m for m in METHODS[3:] if m in trained and m != "IFD"]:
+            for method in per_target_methods:
                 for seed in args.seeds:
                     if key_of(target, budget, method, seed) in cells:
                         continue

@@ -342,3 +342,11 @@ def test_format_table_compares_each_format_with_float16_on_the_same_seeds(sq):
                            [0, 1])
     assert "| int8 | 1 | 0.950 | 1.100 | - | 1/1 | 0/1 | 0/1 | 90% | 0.9900 (0.9800) |" in text
     assert "| 1bit | 0 | - | - | - | - | - | - | 50% | 0.8000 (0.7000) |" in text
+
+
+def test_methods_to_train_keeps_the_chosen_ones_in_order(sq):
+    trained, per_target = sq.methods_to_train(["LESS-topk", "random"])
+    assert trained == ["random", "LESS-topk"] and per_target == ["LESS-topk"]
+    trained, per_target = sq.methods_to_train(None)
+    assert trained == [m for m in sq.METHODS if m != "zero-shot"]
+    assert per_target == ["LESS-topk", "LESS-round_robin", "LESS-uot", "rds-round_robin", "embedding-round_robin"]
