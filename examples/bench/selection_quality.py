@@ -333,7 +333,6 @@ def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dic
     embedding and random features of the pool are likewise computed once. Cached in OUT/transfer_scores.npz.
     """
 
-    from hf_less import LessSelector
     from hf_less.evaluation.quality import IFDScorer
     from hf_less.scoring.representations import RepresentationSelector
 
@@ -354,10 +353,7 @@ def transfer_features(base, tokenizer, pool, per_target, out: Path, args) -> dic
     result, seconds = {}, {}
     t = time.time()
     warm_dir = capture_warmup(base, tokenizer, pool_text, all_targets, out / "warmup", args)
-    less = LessSelector(copy.deepcopy(base), warm_dir, all_targets, tokenizer=tokenizer, proj_dim=args.proj_dim,
-                        proj_kind=args.proj_kind, pool_direction=args.pool_direction, max_length=args.max_length,
-                        batch_size=args.batch_size)
-    _, result["less_sims"] = less.score(pool_text)
+    _, result["less_sims"] = run_selector(base, tokenizer, warm_dir, all_targets, args).score(pool_text)
     seconds["less"] = time.time() - t
     for rep, model in (("rds", base), ("embedding", None), ("random", None)):
         t = time.time()
@@ -588,13 +584,30 @@ def ablation_cache(out: Path, name: str, value) -> Path:
     return out / "ablation" / f"{name}={value}" / "less_sims.npz"
 
 
-def ablation_sims(base, tokenizer, pool, all_targets, out: Path, args, name: str, value) -> np.ndarray:
-    """LESS's (N, T) pool-by-target cosine with ``name=value`` (all other settings the run's), cached."""
+def run_selector(base, tokenizer, warm_dir: Path, targets, args, **kw):
+    """A LessSelector over ``warm_dir`` with the run's LESS settings in ``args``; ``kw`` adds or overrides."""
     from hf_less import LessSelector
 
+    settings = dict(tokenizer=tokenizer, proj_dim=args.proj_dim, proj_kind=args.proj_kind,
+                    pool_direction=args.pool_direction, max_length=args.max_length, batch_size=args.batch_size)
+    return LessSelector(copy.deepcopy(base), warm_dir, targets, **{**settings, **kw})
+
+
+def load_sims(cache: Path) -> np.ndarray | None:
+    """LESS's cached ``(N, T)`` similarities (an ablation, remedy or format), or None when not cached."""
+    return np.load(cache)["less_sims"] if cache.exists() else None
+
+
+def save_sims(cache: Path, sims: np.ndarray, t0: float) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, less_sims=sims, seconds=time.time() - t0)
+
+
+def ablation_sims(base, tokenizer, pool, all_targets, out: Path, args, name: str, value) -> np.ndarray:
+    """LESS's (N, T) pool-by-target cosine with ``name=value`` (all other settings the run's), cached."""
     cache = ablation_cache(out, name, value)
-    if cache.exists():
-        return np.load(cache)["less_sims"]
+    if (sims := load_sims(cache)) is not None:
+        return sims
     cache.parent.mkdir(parents=True, exist_ok=True)
     sub = argparse.Namespace(**{**vars(args), name: value})
     t = time.time()
@@ -602,11 +615,8 @@ def ablation_sims(base, tokenizer, pool, all_targets, out: Path, args, name: str
         warm_dir, captured = capture_warmup(base, tokenizer, pool, all_targets, cache.parent / "warmup", sub), True
     else:  # the same warmup, featurized with another projection or pool direction
         warm_dir, captured = out / "warmup", False
-    less = LessSelector(copy.deepcopy(base), warm_dir, all_targets, tokenizer=tokenizer, proj_dim=sub.proj_dim,
-                        proj_kind=sub.proj_kind, pool_direction=sub.pool_direction, max_length=args.max_length,
-                        batch_size=args.batch_size, use_captured=captured)
-    _, sims = less.score(pool)
-    np.savez(cache, less_sims=sims, seconds=time.time() - t)
+    _, sims = run_selector(base, tokenizer, warm_dir, all_targets, sub, use_captured=captured).score(pool)
+    save_sims(cache, sims, t)
     return sims
 
 
@@ -682,8 +692,6 @@ def hub_sims(base, tokenizer, pool, all_targets, out: Path, args, remedy: str, c
     statistics in one pass over them, nothing featurized again); sgd: the pool featurized with its plain
     gradient (the ``--ablate pool_direction=sgd`` similarities, shared with it).
     """
-    from hf_less import LessSelector
-
     if remedy == "sgd":
         if args.pool_direction == "sgd":
             raise SystemExit("--hub_corrections sgd with --pool_direction sgd: the base is already sgd.")
@@ -692,18 +700,13 @@ def hub_sims(base, tokenizer, pool, all_targets, out: Path, args, remedy: str, c
             return ablation_sims(base, tokenizer, pool, all_targets, out, args, "pool_direction", "sgd")
         return None
     cache = hub_cache(out, remedy_name(remedy, args))
-    if cache.exists():
-        return np.load(cache)["less_sims"]
-    if not compute:
-        return None
+    if (sims := load_sims(cache)) is not None or not compute:
+        return sims
     t = time.time()
-    less = LessSelector(copy.deepcopy(base), out / "warmup", all_targets, tokenizer=tokenizer, proj_dim=args.proj_dim,
-                        proj_kind=args.proj_kind, pool_direction=args.pool_direction, max_length=args.max_length,
-                        batch_size=args.batch_size, hub_correction=remedy, hub_pca_components=args.hub_pca_components,
-                        hub_csls_k=args.hub_csls_k)
+    less = run_selector(base, tokenizer, out / "warmup", all_targets, args, hub_correction=remedy,
+                        hub_pca_components=args.hub_pca_components, hub_csls_k=args.hub_csls_k)
     _, sims = less.score(pool)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, less_sims=sims, seconds=time.time() - t)
+    save_sims(cache, sims, t)
     return sims
 
 
@@ -853,19 +856,14 @@ def format_sims(base, tokenizer, pool, all_targets, out: Path, args, fmt: str, c
     float16 first.
     """
     cache = format_cache(out, fmt)
-    if cache.exists():
-        return np.load(cache)["less_sims"]
-    if not compute:
-        return None
-    from hf_less import LessSelector
+    if (sims := load_sims(cache)) is not None or not compute:
+        return sims
     from hf_less.gradients.quantize import decode, encode
     from hf_less.gradients.store import FeatureStore
     from hf_less.scoring.similarity import weighted_sims
 
     t = time.time()
-    less = LessSelector(copy.deepcopy(base), out / "warmup", all_targets, tokenizer=tokenizer, proj_dim=args.proj_dim,
-                        proj_kind=args.proj_kind, pool_direction=args.pool_direction, max_length=args.max_length,
-                        batch_size=args.batch_size)
+    less = run_selector(base, tokenizer, out / "warmup", all_targets, args)
     rows, skipped = [], np.zeros(len(pool), dtype=bool)
     for c in less.checkpoints:
         store = FeatureStore(c.captured("pool"))
@@ -877,8 +875,7 @@ def format_sims(base, tokenizer, pool, all_targets, out: Path, args, fmt: str, c
         rows.append(torch.from_numpy(decode(encode(x, fmt), fmt, stored.dim)))
     sims = weighted_sims(rows, less.target_features, [c.weight for c in less.checkpoints]).numpy()
     sims[skipped] = -np.inf  # no completion token: never selected, as a store scores them
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, less_sims=sims, seconds=time.time() - t)
+    save_sims(cache, sims, t)
     return sims
 
 
