@@ -24,22 +24,30 @@ of byte ``j`` (``np.packbits(..., bitorder="little")``). Padding nibbles / bits 
 
 Scoring (``LessSelector.score_store``) reads the packed rows a chunk at a time, unpacks them to
 int8 codes (int4 nibbles and 1bit signs through a byte lookup table) and multiplies them with the
-target features in integers (``torch._int_mm``, int32 accumulation, exact): each unit-norm target
-row is written as ``s * (128 h + l)`` with int8 ``h`` and ``l`` (15 bits, relative error below
-2^-14 of its largest value), so the product is two int8 matmuls, and the cosine divides by the
-stored code norm (a row's scale cancels in a cosine). On this project's 2-core CPU that is several
-times faster than unpacking to float32 and a float matmul (docs/performance.md); rows wider than
-:data:`INT_MATMUL_MAX_DIM` (int32 could overflow) take the float path. Only the pool is
+target features in integers (:func:`int_matmul`, exact int32 sums): each unit-norm target row is
+written as ``s * (128 h + l)`` with int8 ``h`` and ``l`` (15 bits, relative error below 2^-14 of
+its largest value), so the product is one int8 matmul against ``[h | l]``, and the cosine divides
+by the stored code norm (a row's scale cancels in a cosine). The integer matmul has two kernels that
+give the same integers, ``torch._int_mm`` and float32 matmuls on blocks of 1024 columns (exact: see
+:func:`int_matmul`); the faster one on this machine is timed once per process (:func:`int_kernel`).
+Either is several times faster than unpacking to float32 and one float matmul
+(docs/performance.md); rows wider than :data:`INT_MATMUL_MAX_DIM` (int32 could overflow) take the
+float path. Only the pool is
 quantized: the few target features are computed by the selector in float (QLESS, arXiv
 2502.01703, quantizes both sides and scores 1bit stores with the cosine of two sign vectors).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 FLOAT_FORMATS = ("float32", "float16")
 QUANTIZED_FORMATS = ("int8", "int4", "1bit")
@@ -177,16 +185,17 @@ class IntTargets:
         self.scale = torch.where(absmax > 0, absmax / (127 * 128), torch.ones_like(absmax))  # (T,)
         u = torch.round(t / self.scale[:, None])  # |u| <= 16256
         hi = torch.round(u / 128)
-        self.hi = _row_major(hi.to(torch.int8).T)  # (d, T)
-        self.lo = _row_major((u - 128 * hi).to(torch.int8).T)  # (d, T), |lo| <= 64
-        self.dim = t.shape[1]
+        # (d, 2T): the high halves h, then the low halves l (|l| <= 64), one int8 matmul for both
+        self.halves = _row_major(torch.cat([hi, u - 128 * hi]).to(torch.int8).T)
+        self.dim, self.count = t.shape[1], t.shape[0]
         self._scale = self.scale.float()
 
     def cosines(self, rows: np.ndarray, fmt: str) -> torch.Tensor:
         """``(n, T)`` float32 cosines of the decoded packed ``rows`` with the targets."""
-        q = _row_major(torch.from_numpy(int_codes(rows, fmt, self.dim)))
-        # int32 sums, exact; their float32 combination keeps 24 bits, far below the targets' rounding
-        dots = torch._int_mm(q, self.hi).float().mul_(128).add_(torch._int_mm(q, self.lo).float())
+        q = torch.from_numpy(int_codes(rows, fmt, self.dim))
+        sums = int_matmul(q, self.halves)  # exact int32 sums
+        # their float32 combination keeps 24 bits, far below the targets' rounding
+        dots = sums[:, : self.count].float().mul_(128).add_(sums[:, self.count :].float())
         norms = torch.from_numpy(code_norms(rows, fmt, self.dim).astype(np.float32)).clamp_min(1e-30)
         return dots.mul_(self._scale[None, :]).div_(norms[:, None])
 
@@ -199,9 +208,103 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype).copy_(t)
 
 
+# Columns of one block of the float32 kernel: every partial sum of a block is an integer of magnitude at most
+# 127 * 127 * 1024 < 2**24, which float32 holds exactly, whatever order the matmul sums in.
+FLOAT_BLOCK = 1024
+_FLOAT_ROWS = 256  # rows converted to float32 at a time: the block stays in cache (128-512 measured alike)
+INT_KERNELS = ("int_mm", "float_blocks")
+INT_KERNEL_ENV = "HF_LESS_INT_KERNEL"
+_chosen_kernel: str | None = None
+
+
+def int_matmul(q: torch.Tensor, w: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """Exact ``q @ w`` of int8 matrices: ``(n, d) x (d, c) -> (n, c)`` int32, for ``d <= INT_MATMUL_MAX_DIM``.
+
+    Kernels (they return the same integers):
+
+    - ``"int_mm"``: ``torch._int_mm`` (int32 accumulation). Fast where the CPU has int8 dot-product
+      instructions (AVX512-VNNI, AMX); on an AVX2-only CPU it was 6-20x slower than ``"float_blocks"``.
+    - ``"float_blocks"``: the codes converted to float32 a few hundred rows at a time and multiplied
+      in blocks of :data:`FLOAT_BLOCK` columns. Each block's sums are exact integers (below 2^24),
+      added in float64 (exact below 2^53). Needs ``torch.get_float32_matmul_precision() == "highest"``
+      (the default): a lower precision lets the matmul round its inputs.
+
+    ``kernel=None``: :func:`int_kernel`, the faster of the two on this machine.
+    """
+    kernel = kernel or int_kernel()
+    if kernel == "int_mm":
+        return torch._int_mm(_row_major(q), _row_major(w))
+    if kernel != "float_blocks":
+        raise ValueError(f"Unknown integer matmul kernel {kernel!r}; choose one of {', '.join(INT_KERNELS)}.")
+    n, d = q.shape
+    c = w.shape[1]
+    blocks = -(-d // FLOAT_BLOCK)
+    wf = torch.zeros(blocks * FLOAT_BLOCK, c)
+    wf[:d] = w
+    wf = wf.view(blocks, FLOAT_BLOCK, c)
+    out = torch.empty(n, c, dtype=torch.int32)
+    buf = torch.zeros(min(n, _FLOAT_ROWS), blocks * FLOAT_BLOCK)  # padding columns stay zero
+    for start in range(0, n, _FLOAT_ROWS):
+        m = min(_FLOAT_ROWS, n - start)
+        x = buf[:m]
+        x[:, :d].copy_(q[start : start + m])
+        part = torch.bmm(x.view(m, blocks, FLOAT_BLOCK).transpose(0, 1), wf)  # (blocks, m, c), exact
+        out[start : start + m] = part.double().sum(0).to(torch.int32)
+    return out
+
+
+def _exact_kernels() -> list[str]:
+    """The kernels that are exact here: ``float_blocks`` at the highest float32 matmul precision, ``int_mm``."""
+    kernels = ["float_blocks"] if torch.get_float32_matmul_precision() == "highest" else []
+    return kernels + (["int_mm"] if hasattr(torch, "_int_mm") else [])
+
+
+def int_kernel() -> str:
+    """The :func:`int_matmul` kernel used on this machine.
+
+    ``HF_LESS_INT_KERNEL`` (``int_mm`` or ``float_blocks``) chooses it; otherwise the first call times
+    both on a ``(2048, 4096) x (4096, 32)`` product (about 0.1-0.5 s) and keeps the faster for the
+    process. Both give the same integers, so the choice changes the speed, never a score; a kernel
+    whose integers differ from the other's there is not used.
+    """
+    global _chosen_kernel
+    forced = os.environ.get(INT_KERNEL_ENV)
+    if forced:
+        if forced not in INT_KERNELS:
+            raise ValueError(f"{INT_KERNEL_ENV}={forced!r} is not a kernel; set it to one of "
+                             f"{', '.join(INT_KERNELS)}, or unset it to time both.")
+        return forced
+    exact = _exact_kernels()
+    if not exact:
+        raise RuntimeError("No exact integer matmul here: torch has no _int_mm and the float32 matmul precision is "
+                           f"{torch.get_float32_matmul_precision()!r}; set torch.set_float32_matmul_precision('highest').")
+    if _chosen_kernel in exact:
+        return _chosen_kernel
+    if len(exact) == 1:
+        _chosen_kernel = exact[0]
+        return _chosen_kernel
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (2048, 4096), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (4096, 32), generator=g, dtype=torch.int8)
+    results, seconds = {}, {}
+    for kernel in exact:
+        int_matmul(q[:64], w, kernel)  # warm up (allocations, library initialisation)
+        start = time.perf_counter()
+        results[kernel] = int_matmul(q, w, kernel)
+        seconds[kernel] = time.perf_counter() - start
+    if not torch.equal(results["float_blocks"], results["int_mm"]):
+        logger.warning("The float_blocks integer matmul differs from torch._int_mm on this machine; using int_mm.")
+        _chosen_kernel = "int_mm"
+    else:
+        _chosen_kernel = min(seconds, key=seconds.get)
+    logger.info("Integer matmul kernel: %s (timed %s)", _chosen_kernel,
+                ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items()))
+    return _chosen_kernel
+
+
 def integer_product(fmt: str, dim: int) -> bool:
     """Whether rows of ``fmt`` and width ``dim`` are scored with :class:`IntTargets` (exact int32 products)."""
-    return fmt in QUANTIZED_FORMATS and dim <= INT_MATMUL_MAX_DIM and hasattr(torch, "_int_mm")
+    return fmt in QUANTIZED_FORMATS and dim <= INT_MATMUL_MAX_DIM and bool(_exact_kernels())
 
 
 def decode(rows: np.ndarray, fmt: str, dim: int) -> np.ndarray:

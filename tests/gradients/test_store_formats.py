@@ -17,8 +17,10 @@ from hypothesis.extra import numpy as hnp
 
 from hf_less import LessCallback, LessSFTConfig
 from hf_less.cli.arguments import FeaturizeArguments
+from hf_less.gradients import quantize
 from hf_less.gradients.quantize import (
-    STORE_FORMATS, IntTargets, cosine_rows, decode, encode, row_bytes, scales, store_bytes,
+    INT_KERNEL_ENV, INT_KERNELS, INT_MATMUL_MAX_DIM, STORE_FORMATS, IntTargets, cosine_rows, decode, encode,
+    int_kernel, int_matmul, row_bytes, scales, store_bytes,
 )
 from hf_less.gradients.store import FeatureStore, IncompatibleFeaturesError
 from hf_less.scoring.less import score_store
@@ -208,6 +210,58 @@ def test_integer_product_gives_the_cosines_of_the_decoded_rows(x, n_targets, see
         got = prepared.cosines(encode(x, fmt), fmt)
         assert got.shape == (n, n_targets) and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("kernel", INT_KERNELS)
+@pytest.mark.parametrize("n, d, c", [(1, 1, 1), (300, 1500, 3), (257, 2048, 16), (3, INT_MATMUL_MAX_DIM, 2)])
+def test_int_matmul_kernels_give_the_exact_integer_product(kernel, n, d, c):
+    g = torch.Generator().manual_seed(n + d + c)
+    q = torch.randint(-127, 128, (n, d), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (d, c), generator=g, dtype=torch.int8)
+    if d == INT_MATMUL_MAX_DIM:  # the largest sums int32 holds: every product 127 * 127, of either sign
+        q[:], w[:] = 127, 127
+        w[:, 1] = -127
+    want = q.numpy().astype(np.int64) @ w.numpy().astype(np.int64)
+    got = int_matmul(q, w, kernel)
+    assert got.dtype == torch.int32
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_both_kernels_give_the_same_cosines_bit_for_bit(monkeypatch):
+    x = np.random.default_rng(0).standard_normal((600, 3000)).astype(np.float32)
+    targets = IntTargets(torch.randn(5, 3000, generator=torch.Generator().manual_seed(0)))
+    for fmt in ("int8", "int4", "1bit"):
+        got = {}
+        for kernel in INT_KERNELS:
+            monkeypatch.setenv(INT_KERNEL_ENV, kernel)
+            got[kernel] = targets.cosines(encode(x, fmt), fmt)
+        assert torch.equal(got["int_mm"], got["float_blocks"]), fmt
+
+
+def test_the_kernel_is_timed_once_and_can_be_forced(monkeypatch):
+    monkeypatch.delenv(INT_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(quantize, "_chosen_kernel", None)
+    chosen = int_kernel()
+    assert chosen in INT_KERNELS and quantize._chosen_kernel == chosen and int_kernel() == chosen
+    monkeypatch.setenv(INT_KERNEL_ENV, "int_mm")
+    assert int_kernel() == "int_mm"
+    monkeypatch.setenv(INT_KERNEL_ENV, "vnni")
+    with pytest.raises(ValueError, match="HF_LESS_INT_KERNEL='vnni' is not a kernel.*int_mm, float_blocks"):
+        int_kernel()
+    with pytest.raises(ValueError, match="Unknown integer matmul kernel 'vnni'"):
+        int_matmul(torch.zeros(1, 1, dtype=torch.int8), torch.zeros(1, 1, dtype=torch.int8), "vnni")
+
+
+def test_float_blocks_is_not_used_below_the_highest_matmul_precision(monkeypatch):
+    """At a lower float32 matmul precision the matmul may round its inputs: only ``_int_mm`` stays exact."""
+    monkeypatch.delenv(INT_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(quantize, "_chosen_kernel", "float_blocks")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert int_kernel() == "int_mm"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_bit_and_nibble_order_is_the_documented_one():
