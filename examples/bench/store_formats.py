@@ -16,13 +16,16 @@ Before every read the store's files are dropped from the page cache with
 both the dd read and the scoring read from the disk; the dd figure printed beside it says whether
 that worked (a cached read runs at memory speed, many GB/s). ``--million int4 1bit`` also builds
 10^6-row stores of those formats by copying the 10^5-row shards ten times (the rows repeat; the
-files are distinct, so the reads are real) and measures them the same way. Stores are deleted after
-their measurement unless ``--keep``.
+files are distinct, so the reads are real) and measures them the same way. Quantized stores are
+scored with the integer matmul kernel ``score_store`` times fastest on this machine (the table's
+``product`` column); ``--kernels int_mm float_blocks`` also scores the 10^5-row stores with each
+kernel forced, side by side. Stores are deleted after their measurement unless ``--keep``.
 
     python examples/bench/store_formats.py                                  # 10^5 rows, 4 formats
     python examples/bench/store_formats.py --million int4 1bit              # and 10^6 rows at int4, 1bit
     python examples/bench/store_formats.py --rows 20000 --formats int8 --targets 8   # a quick look
     python examples/bench/store_formats.py --formats int8 int4 1bit --float_path     # integer vs float product
+    python examples/bench/store_formats.py --formats int8 --million int8 --kernels int_mm float_blocks
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from hf_less.gradients.quantize import INT_KERNEL_ENV, INT_KERNELS
 
 STEPS = (1, 2, 3, 4)
 
@@ -135,11 +140,14 @@ def child_score(root: str, targets: int, budget: float, chunk_rows: int, integer
     """In a fresh process: score the store against ``targets`` random targets, then select; time and memory."""
     import torch
 
+    from hf_less.gradients.quantize import QUANTIZED_FORMATS, int_kernel
     from hf_less.gradients.store import FeatureStore
     from hf_less.scoring.less import score_store
     from hf_less.selection import strategies
 
     store = FeatureStore(root)
+    kernel = int_kernel() if integer is not False and store.format in QUANTIZED_FORMATS else "float"
+
     dim = store.meta["dim"]
     g = torch.Generator().manual_seed(1)
     feats = [torch.randn(targets, dim, generator=g) for _ in STEPS]
@@ -157,25 +165,29 @@ def child_score(root: str, targets: int, budget: float, chunk_rows: int, integer
     t0 = time.perf_counter()
     strategies.order("round_robin", scores, 0, sims=sims)[:k]
     rr = time.perf_counter() - t0
-    return {"score_s": scored, "topk_s": topk, "round_robin_s": rr,
+    return {"score_s": scored, "topk_s": topk, "round_robin_s": rr, "kernel": kernel,
             "extra_rss_mb": (_status_kib("VmHWM") - base) / 1024, "rss_before_mb": base / 1024}
 
 
 def measure(root: Path, fmt: str, rows: int, targets: list[int], budget: float, chunk_rows: int,
-            float_path: bool = False) -> list[dict]:
+            float_path: bool = False, kernels: list[str] = ()) -> list[dict]:
+    """The store's size and dd read, then one scoring child per target count and variant: the product as
+    ``score_store`` chooses it, each of ``kernels`` forced (quantized formats), the float path."""
     size = du(root)
     drop_cache(root)
     nbytes, secs = sequential_read(root)
     cold = nbytes / secs / 1e6
     _, warm_secs = sequential_read(root)  # now cached: what a warm page cache gives
     out = []
-    paths = [False, True] if float_path and fmt in ("int8", "int4", "1bit") else [False]
-    for t, unpack in [(t, u) for t in targets for u in paths]:
+    quantized = fmt in ("int8", "int4", "1bit")
+    variants = [None] + (list(kernels) if quantized else []) + (["float path"] if float_path and quantized else [])
+    for t, variant in [(t, v) for t in targets for v in variants]:
         drop_cache(root)
         cmd = [sys.executable, __file__, "--_child", str(root), str(t), str(budget), str(chunk_rows)]
-        res = json.loads(subprocess.run(cmd + (["--_float"] if unpack else []), check=True, capture_output=True,
-                                        text=True).stdout.splitlines()[-1])
-        out.append({"format": fmt + (" (float path)" if unpack else ""), "rows": rows, "targets": t,
+        env = {**os.environ, **({INT_KERNEL_ENV: variant} if variant in INT_KERNELS else {})}
+        res = json.loads(subprocess.run(cmd + (["--_float"] if variant == "float path" else []), check=True,
+                                        capture_output=True, text=True, env=env).stdout.splitlines()[-1])
+        out.append({"format": fmt + (f" ({variant})" if variant else ""), "rows": rows, "targets": t,
                     "size_gb": size / 1e9,
                     "dd_cold_mb_s": cold, "dd_cached_mb_s": nbytes / warm_secs / 1e6,
                     "score_mb_s": nbytes / res["score_s"] / 1e6, "load_avg_1min": os.getloadavg()[0], **res})
@@ -198,6 +210,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--float_path", action="store_true",
                    help="also score the quantized stores with their codes unpacked to float32 (integer=False)")
+    p.add_argument("--kernels", nargs="*", default=[], choices=INT_KERNELS,
+                   help="also score the quantized stores with each of these integer matmul kernels forced "
+                        "(HF_LESS_INT_KERNEL); the plain rows use the kernel timed fastest")
     p.add_argument("--_child", nargs=4, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_float", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -214,7 +229,8 @@ def main(argv=None) -> list[dict]:
         secs = write_store(root, fmt, args.rows, args.dim, args.shard_rows)
         print(f"# {fmt}: wrote {args.rows} rows x {len(STEPS)} checkpoints in {secs:.1f} s "
               f"({args.rows * len(STEPS) / secs:.0f} rows/s packed and written)", flush=True)
-        for r in measure(root, fmt, args.rows, args.targets, args.budget, args.chunk_rows, args.float_path):
+        for r in measure(root, fmt, args.rows, args.targets, args.budget, args.chunk_rows, args.float_path,
+                         args.kernels):
             results.append({**r, "write_s": secs})
         if fmt in args.million:
             big = base / f"{fmt}-{10 * args.rows}"
@@ -226,11 +242,12 @@ def main(argv=None) -> list[dict]:
         if not args.keep:
             shutil.rmtree(root)
     print()
-    print("| format | rows | size GB | targets | score_store s | topk s | round_robin s | extra RSS MB "
+    print("| format | rows | size GB | targets | product | score_store s | topk s | round_robin s | extra RSS MB "
           "| scoring MB/s | dd MB/s (cold) | scoring / dd | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['format']} | {r['rows']:,} | {r['size_gb']:.2f} | {r['targets']} | {r['score_s']:.1f} | "
+        print(f"| {r['format']} | {r['rows']:,} | {r['size_gb']:.2f} | {r['targets']} | {r['kernel']} | "
+              f"{r['score_s']:.1f} | "
               f"{r['topk_s']:.2f} | {r['round_robin_s']:.2f} | {r['extra_rss_mb']:.0f} | {r['score_mb_s']:.0f} | "
               f"{r['dd_cold_mb_s']:.0f} | {r['score_mb_s'] / r['dd_cold_mb_s']:.0%} | {r['load_avg_1min']:.1f} |")
     if args.json:
