@@ -220,24 +220,22 @@ class ShardedArray:
         Unlike slicing the memory map, the file pages read do not stay mapped in this process:
         its memory is the returned array's, however large the store.
         """
-        out = []
+        dtype = self._parts[0].dtype if self._parts else np.float32
+        shape = self._parts[0].shape[1:] if self._parts else (self.dim,)
+        start, stop = max(0, start), max(start, min(stop, len(self)))
+        out = np.empty((stop - start, *shape), dtype=dtype)  # each shard's rows read straight into place
         for part, path, s0 in zip(self._parts, self.paths, self._starts[:-1]):
             a, b = max(start, s0), min(stop, s0 + len(part))
             if a < b:
-                buf = np.empty((b - a, *part.shape[1:]), dtype=part.dtype)
+                view, got = memoryview(out[a - start : b - start]).cast("B"), 0
                 with open(path, "rb", buffering=0) as f:
-                    f.seek(part.offset + (a - s0) * buf[:1].nbytes)
-                    view, got = memoryview(buf).cast("B"), 0
-                    while got < buf.nbytes:
+                    f.seek(part.offset + (a - s0) * (view.nbytes // (b - a)))
+                    while got < view.nbytes:
                         n = f.readinto(view[got:])
                         if not n:
                             raise IOError(f"{path} ended early: the store is damaged (run verify()).")
                         got += n
-                out.append(buf)
-        if not out:
-            shape = (0, *self._parts[0].shape[1:]) if self._parts else (0, self.dim)
-            return np.zeros(shape, dtype=self._parts[0].dtype if self._parts else np.float32)
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        return out
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as an in-memory ``(n, d)`` array (quantized formats: dequantized float32)."""

@@ -109,6 +109,21 @@ def test_shard_files_hold_packed_rows(stores, fmt):
                                        "1bit": d // 8}[fmt]
 
 
+@pytest.mark.parametrize("fmt", ["float16", "int8"])
+def test_read_raw_gives_the_stored_rows_of_any_range(stores, fmt):
+    """Ranges within a shard, across shards, clipped at the end, and empty, against the shard files."""
+    store = stores[fmt]
+    step = str(STEPS[0])
+    files = [np.load(store.root / s["files"][step]["name"]) for s in store.manifest["shards"]]
+    stored = np.concatenate(files)
+    array = store.features(STEPS[0])
+    n = len(stored)
+    for start, stop in [(0, n), (1, 2), (SHARD_ROWS - 1, 2 * SHARD_ROWS + 1), (n - 2, n + 5), (n, n + 3), (4, 4)]:
+        got = array.read_raw(start, stop)
+        assert got.dtype == stored.dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, stored[start:stop])
+
+
 def test_sizes_at_a_million_rows_meet_the_budget():
     million = {fmt: store_bytes(fmt, 8192, 10**6, 4) for fmt in STORE_FORMATS}
     assert million["float16"] == 10**6 * (4 * 16384 + 16)  # 65.6 GB
