@@ -29,12 +29,11 @@ written as ``s * (128 h + l)`` with int8 ``h`` and ``l`` (15 bits, relative erro
 its largest value), so the product is one int8 matmul against ``[h | l]``, and the cosine divides
 by the stored code norm (a row's scale cancels in a cosine). The integer matmul has two kernels that
 give the same integers, ``torch._int_mm`` and float32 matmuls on blocks of 1024 columns (exact: see
-:func:`int_matmul`); the faster one on this machine is timed once per process (:func:`int_kernel`).
-Either is several times faster than unpacking to float32 and one float matmul
-(docs/performance.md); rows wider than :data:`INT_MATMUL_MAX_DIM` (int32 could overflow) take the
-float path. Only the pool is
-quantized: the few target features are computed by the selector in float (QLESS, arXiv
-2502.01703, quantizes both sides and scores 1bit stores with the cosine of two sign vectors).
+:func:`int_matmul`); the faster one on this machine is timed once per process (:func:`int_kernel`;
+figures in docs/performance.md). Rows wider than :data:`INT_MATMUL_MAX_DIM` (int32 could overflow)
+take the float path. Only the pool is quantized: the few target features are computed by the
+selector in float (QLESS, arXiv 2502.01703, quantizes both sides and scores 1bit stores with the
+cosine of two sign vectors).
 """
 
 from __future__ import annotations
@@ -150,7 +149,7 @@ _NIBBLES = np.array([[(b & 15) - 8, (b >> 4) - 8] for b in range(256)], dtype=np
 def int_codes(rows: np.ndarray, fmt: str, dim: int) -> np.ndarray:
     """``(n, dim)`` int8 codes of packed ``rows`` of a quantized format: int8 / int4 codes, or 1bit signs (+-1).
 
-    int8: a view of ``rows`` (rows strided by the row's bytes; copying them cost a fifth of scoring).
+    int8: a view of ``rows`` (rows strided by the row's bytes; a copy was 18% of a profiled scoring).
     """
     n = len(rows)
     width = _code_bytes(fmt, dim)
@@ -226,7 +225,8 @@ def int_matmul(q: torch.Tensor, w: torch.Tensor, kernel: str | None = None) -> t
     Kernels (they return the same integers):
 
     - ``"int_mm"``: ``torch._int_mm`` (int32 accumulation). Fast where the CPU has int8 dot-product
-      instructions (AVX512-VNNI, AMX); on an AVX2-only CPU it was 6-20x slower than ``"float_blocks"``.
+      instructions (AVX512-VNNI, AMX); on an AVX2-only CPU it was 3-27x slower than ``"float_blocks"``
+      (docs/performance.md).
     - ``"float_blocks"``: the codes converted to float32 a few hundred rows at a time and multiplied
       in blocks of :data:`FLOAT_BLOCK` columns. Each block's sums are exact integers (below 2^24),
       added in float64 (exact below 2^53). Needs ``torch.get_float32_matmul_precision() == "highest"``
@@ -270,8 +270,8 @@ def int_kernel() -> str:
     """The :func:`int_matmul` kernel used on this machine.
 
     ``HF_LESS_INT_KERNEL`` (``int_mm`` or ``float_blocks``) chooses it; otherwise the first call times
-    both on a ``(2048, 4096) x (4096, 32)`` product, the best of three (about 0.5 s), and keeps the faster for the
-    process. Both give the same integers, so the choice changes the speed, never a score; a kernel
+    both on a ``(2048, 4096) x (4096, 32)`` product, the best of three (about 0.5 s), and keeps the
+    faster for the process. Both give the same integers, so the choice changes the speed, never a score; a kernel
     whose integers differ from the other's there is not used.
     """
     global _chosen_kernel

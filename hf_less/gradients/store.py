@@ -222,7 +222,8 @@ class ShardedArray:
         """
         dtype = self._parts[0].dtype if self._parts else np.float32
         shape = self._parts[0].shape[1:] if self._parts else (self.dim,)
-        start, stop = max(0, start), max(start, min(stop, len(self)))
+        start = max(0, start)
+        stop = max(start, min(stop, len(self)))
         out = np.empty((stop - start, *shape), dtype=dtype)  # each shard's rows read straight into place
         for part, path, s0 in zip(self._parts, self.paths, self._starts[:-1]):
             a, b = max(start, s0), min(stop, s0 + len(part))
