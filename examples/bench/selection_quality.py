@@ -783,38 +783,50 @@ def hub_table(selection_rows: list[dict], skew_rows: list[dict], budget: float, 
     return "\n".join(lines) + "\n"
 
 
+def _seed_losses(cells: dict, prefix: str, seeds=None) -> dict[int, float]:
+    """The target loss per training seed of the cells whose key starts with ``prefix`` (keys end ``|SEED``)."""
+    return {int(key.rsplit("|", 1)[1]): c["target_loss"] for key, c in cells.items()
+            if key.startswith(prefix) and (seeds is None or int(key.rsplit("|", 1)[1]) in seeds)}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _loss_stats(cells: dict, prefix: str, seeds=None) -> tuple[float, float] | None:
     """(mean, sd) of the target loss over the cells whose key starts with ``prefix`` (one per seed)."""
-    got = [c["target_loss"] for key, c in cells.items() if key.startswith(prefix)
-           and (seeds is None or int(key.rsplit("|", 1)[1]) in seeds)]
-    if not got:
-        return None
-    return statistics.mean(got), statistics.stdev(got) if len(got) > 1 else 0.0
+    got = list(_seed_losses(cells, prefix, seeds).values())
+    return _mean_sd(got) if got else None
 
 
 def variant_loss_table(cells: dict, targets: list[str], budget: float, names: list[str], seeds: list[int],
                        prefix: str = "hub", what: str = "remedy", extra: dict[str, str] | None = None) -> str:
     """Per variant (cells ``PREFIX|NAME|TARGET|BUDGET|LESS-topk|SEED``: a hub remedy, a store format) against
-    LESS-topk as run (cells ``transfer|...``), on the same seeds.
+    LESS-topk as run (cells ``transfer|...``), per target on the training seeds both have (paired).
 
-    lower = targets where the variant's mean loss is below LESS-topk's; beyond the spread = its mean + sd below
-    LESS-topk's mean - sd; raised = LESS-topk's mean + sd below the variant's mean - sd (the adoption rule of
-    issue 25: lower on two thirds of the targets of both sets, never raised beyond the spread). ``extra``: more
-    columns, a header -> per name its cell text (e.g. the agreement of a format's scores with float16's).
+    seeds = paired seeds per target (min-max); lower = targets where the variant's mean loss is below LESS-topk's;
+    beyond the spread = its mean + sd below LESS-topk's mean - sd; raised = LESS-topk's mean + sd below the
+    variant's mean - sd (the adoption rule of issue 25: lower on two thirds of the targets of both sets, never
+    raised beyond the spread). ``extra``: more columns, a header -> per name its cell text (e.g. the agreement
+    of a format's scores with float16's).
     """
     extra = extra or {}
     head = "".join(f" {h} |" for h in extra)
-    lines = ["| " + what + " | targets | mean loss | LESS-topk mean loss | loss / random | lower | lower beyond the spread "
-             "| raised beyond the spread |" + head, "|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+    lines = ["| " + what + " | targets | seeds | mean loss | LESS-topk mean loss | loss / random | lower "
+             "| lower beyond the spread | raised beyond the spread |" + head,
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for name in names:
         more = "".join(f" {col.get(name, '-')} |" for col in extra.values())
-        losses, bases, ratios, lower, beyond, raised = [], [], [], 0, 0, 0
+        losses, bases, ratios, paired_counts, lower, beyond, raised = [], [], [], [], 0, 0, 0
         for target in targets:
-            m = _loss_stats(cells, f"{prefix}|{name}|{target}|{budget}|LESS-topk|", seeds)
-            b = _loss_stats(cells, f"transfer|{target}|{budget}|LESS-topk|", seeds)
+            mv = _seed_losses(cells, f"{prefix}|{name}|{target}|{budget}|LESS-topk|", seeds)
+            bv = _seed_losses(cells, f"transfer|{target}|{budget}|LESS-topk|", seeds)
+            paired = sorted(mv.keys() & bv.keys())  # the same training seeds on both sides
             r = _loss_stats(cells, f"transfer|{target}|{budget}|random|")
-            if m is None or b is None:
+            if not paired:
                 continue
+            m, b = _mean_sd([mv[s] for s in paired]), _mean_sd([bv[s] for s in paired])
+            paired_counts.append(len(paired))
             losses.append(m[0])
             bases.append(b[0])
             if r is not None:
@@ -823,11 +835,13 @@ def variant_loss_table(cells: dict, targets: list[str], budget: float, names: li
             beyond += m[0] + m[1] < b[0] - b[1]
             raised += b[0] + b[1] < m[0] - m[1]
         if not losses:
-            lines.append(f"| {name} | 0 | - | - | - | - | - | - |{more}")
+            lines.append(f"| {name} | 0 | - | - | - | - | - | - | - |{more}")
             continue
         ratio = f"{statistics.mean(ratios):.3f}" if ratios else "-"
-        lines.append(f"| {name} | {len(losses)} | {statistics.mean(losses):.3f} | {statistics.mean(bases):.3f} | "
-                     f"{ratio} | {lower}/{len(losses)} | {beyond}/{len(losses)} | {raised}/{len(losses)} |{more}")
+        lo, hi = min(paired_counts), max(paired_counts)
+        lines.append(f"| {name} | {len(losses)} | {lo if lo == hi else f'{lo}-{hi}'} | {statistics.mean(losses):.3f} | "
+                     f"{statistics.mean(bases):.3f} | {ratio} | {lower}/{len(losses)} | {beyond}/{len(losses)} | "
+                     f"{raised}/{len(losses)} |{more}")
     return "\n".join(lines) + "\n"
 
 

@@ -229,8 +229,19 @@ def test_hub_loss_table_counts_lower_and_raised_beyond_the_spread(sq):
     text = sq.hub_loss_table(cells, ["a", "b", "c"], 0.05, ["center", "pca1"], [0, 1])
     mean = (0.55 + 1.025 + 2.0) / 3
     ratio = (0.55 / 2 + 1.025 / 2 + 2.0 / 2) / 3
-    assert f"| center | 3 | {mean:.3f} | {(1.05 + 1.05 + 1.0) / 3:.3f} | {ratio:.3f} | 2/3 | 1/3 | 1/3 |" in text
+    assert f"| center | 3 | 2 | {mean:.3f} | {(1.05 + 1.05 + 1.0) / 3:.3f} | {ratio:.3f} | 2/3 | 1/3 | 1/3 |" in text
     assert "| pca1 | 0 | - |" in text
+
+
+def test_variants_are_compared_on_the_seeds_both_sides_have(sq):
+    """A remedy trained on seed 0 only meets LESS-topk's seed 0, not the mean of its seeds 0 and 1."""
+    cells = {"transfer|a|0.05|LESS-topk|0": {"target_loss": 1.0}, "transfer|a|0.05|LESS-topk|1": {"target_loss": 3.0},
+             "hub|center|a|0.05|LESS-topk|0": {"target_loss": 1.5},
+             "transfer|b|0.05|LESS-topk|0": {"target_loss": 1.0}, "transfer|b|0.05|LESS-topk|1": {"target_loss": 1.2},
+             "hub|center|b|0.05|LESS-topk|0": {"target_loss": 0.8}, "hub|center|b|0.05|LESS-topk|1": {"target_loss": 1.0}}
+    text = sq.hub_loss_table(cells, ["a", "b"], 0.05, ["center"], [0, 1])
+    # a: 1.5 against 1.0 (seed 0): raised; b: 0.9 against 1.1 on seeds 0 and 1: lower
+    assert f"| center | 2 | 1-2 | {(1.5 + 0.9) / 2:.3f} | {(1.0 + 1.1) / 2:.3f} | - | 1/2 | 0/2 | 1/2 |" in text
 
 
 def test_remedy_names_carry_their_parameter(sq):
@@ -340,8 +351,8 @@ def test_format_table_compares_each_format_with_float16_on_the_same_seeds(sq):
     text = sq.format_table(cells, ["a"], 0.05, {"int8": {"overlap": 0.9, "spearman": 0.99, "min_spearman": 0.98},
                                                 "1bit": {"overlap": 0.5, "spearman": 0.8, "min_spearman": 0.7}},
                            [0, 1])
-    assert "| int8 | 1 | 0.950 | 1.100 | - | 1/1 | 0/1 | 0/1 | 90% | 0.9900 (0.9800) |" in text
-    assert "| 1bit | 0 | - | - | - | - | - | - | 50% | 0.8000 (0.7000) |" in text
+    assert "| int8 | 1 | 2 | 0.950 | 1.100 | - | 1/1 | 0/1 | 0/1 | 90% | 0.9900 (0.9800) |" in text
+    assert "| 1bit | 0 | - | - | - | - | - | - | - | 50% | 0.8000 (0.7000) |" in text
 
 
 def test_methods_to_train_keeps_the_chosen_ones_in_order(sq):
