@@ -279,6 +279,26 @@ def test_float_blocks_is_not_used_below_the_highest_matmul_precision(monkeypatch
         torch.set_float32_matmul_precision(before)
 
 
+def test_without_an_exact_kernel_scoring_takes_the_float_path(monkeypatch, sel, stores):
+    """No ``_int_mm`` and a lowered matmul precision: no exact integer kernel, so codes are unpacked to float."""
+    from hf_less.gradients.quantize import integer_product
+
+    steps, weights = [c.step for c in sel.checkpoints], [c.weight for c in sel.checkpoints]
+    monkeypatch.delenv(INT_KERNEL_ENV, raising=False)
+    monkeypatch.delattr(torch, "_int_mm")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert not integer_product("int8", 64)
+        with pytest.raises(RuntimeError, match="No exact integer matmul here.*set_float32_matmul_precision"):
+            int_kernel()
+        got = score_store(stores["int8"], sel.target_features, steps, weights)
+        want = score_store(stores["int8"], sel.target_features, steps, weights, integer=False)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_bit_and_nibble_order_is_the_documented_one():
     x = np.zeros((1, 10), dtype=np.float32)
     x[0, [0, 3, 9]] = 1.0  # columns 0 and 3 in byte 0 (bits 0 and 3), column 9 in byte 1 (bit 1)
