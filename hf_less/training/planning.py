@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..gradients.quantize import check_format, store_bytes
+from ..gradients.quantize import FLOAT_FORMATS, check_format, store_bytes
 
 
 @dataclass
@@ -56,6 +56,9 @@ class RunPlan:
     store_format: str
     pool_size: int
     measured: dict[str, float] = field(default_factory=dict)
+    # bytes of the same store in int8 (set for float formats): half of float16, the same selection but one row in
+    # 285 on the transfer benchmark (docs/selection_quality.md)
+    int8_bytes: int | None = None
 
     def seconds(self, name: str) -> float:
         """Projected seconds of the stage called ``name``."""
@@ -71,11 +74,16 @@ class RunPlan:
         for s in self.stages:
             lines.append(f"  {s.name:16s} {_duration(s.seconds):>10s}   {s.detail}")
         lines.append(f"  {'total':16s} {_duration(self.total_seconds):>10s}")
-        size = (f"{self.store_bytes / 1e9:.2f} GB" if self.store_bytes >= 1e9
-                else f"{self.store_bytes / 1e6:.1f} MB")
-        lines.append(f"  {'feature store':16s} {size:>10s}   {self.store_format} "
+        lines.append(f"  {'feature store':16s} {_size(self.store_bytes):>10s}   {self.store_format} "
                      "(pool features at every checkpoint, content keys)")
+        if self.int8_bytes is not None:
+            lines.append(f"  {'':16s} {_size(self.int8_bytes):>10s}   in int8 (store dtype 'int8': the same selection "
+                         "but one row in 285 on the transfer benchmark, faster scoring)")
         return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _duration(seconds: float) -> str:
@@ -309,4 +317,5 @@ def plan_run(model: torch.nn.Module, tokenizer, pool: Any, *, pool_size: int | N
     return RunPlan(stages, store_bytes(store_dtype, d, n, ckpts), store_dtype, n,
                    {"step_s": step_s, "train_fixed_s": fixed_s, "feature_example_s": ex_s,
                     "feature_fixed_s": feat_fixed_s, "encode_example_s": encode_s,
-                    "shard_write_s": shard_s, "score_row_s": score_row_s, "dim": d})
+                    "shard_write_s": shard_s, "score_row_s": score_row_s, "dim": d},
+                   store_bytes("int8", d, n, ckpts) if store_dtype in FLOAT_FORMATS else None)

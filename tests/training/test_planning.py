@@ -94,7 +94,17 @@ def test_plan_predicts_a_small_run_within_30_percent(tmp_path, tokenizer, one_th
     plan = plans[0]
     assert plan.store_bytes == store_bytes("int8", 64, len(pool), 2)
     assert [s.name for s in plan.stages] == ["warmup", "featurize", "scoring", "final training"]
-    assert "feature store" in plan.table() and "int8" in plan.table()
+    assert "feature store" in plan.table() and "int8" in plan.table() and plan.int8_bytes is None
+
+
+def test_a_float_store_plan_gives_the_int8_size_beside_it():
+    from hf_less.training.planning import RunPlan, Stage
+
+    plan = RunPlan([Stage("scoring", 90.0, "")], store_bytes("float16", 8192, 10**6, 4), "float16", 10**6,
+                   int8_bytes=store_bytes("int8", 8192, 10**6, 4))
+    lines = plan.table().splitlines()
+    assert lines[-2].split()[:4] == ["feature", "store", "65.55", "GB"]
+    assert lines[-1].split()[:4] == ["32.82", "GB", "in", "int8"] and "store dtype 'int8'" in lines[-1]
 
 
 def test_plan_command_reads_its_options():
