@@ -916,7 +916,7 @@ def format_table(cells: dict, targets: list[str], budget: float, formats: dict[s
     """Per store format: its agreement with float16 (:func:`format_agreement`) and LESS-topk's target loss on
     its selection against float16's (:func:`variant_loss_table`)."""
     names = list(formats)
-    extra = {f"top-{budget:.0%} overlap with float16": {f: f"{a['overlap']:.0%}" for f, a in formats.items()},
+    extra = {f"top-{budget:.0%} overlap with float16": {f: f"{a['overlap']:.1%}" for f, a in formats.items()},
              "Spearman with float16 (min over targets)": {
                  f: f"{a['spearman']:.4f} ({a['min_spearman']:.4f})" for f, a in formats.items()}}
     return (f"Store formats at {budget:.0%}: LESS-topk on the selection of each format's scores against float16's "

@@ -351,8 +351,8 @@ def test_format_table_compares_each_format_with_float16_on_the_same_seeds(sq):
     text = sq.format_table(cells, ["a"], 0.05, {"int8": {"overlap": 0.9, "spearman": 0.99, "min_spearman": 0.98},
                                                 "1bit": {"overlap": 0.5, "spearman": 0.8, "min_spearman": 0.7}},
                            [0, 1])
-    assert "| int8 | 1 | 2 | 0.950 | 1.100 | - | 1/1 | 0/1 | 0/1 | 90% | 0.9900 (0.9800) |" in text
-    assert "| 1bit | 0 | - | - | - | - | - | - | - | 50% | 0.8000 (0.7000) |" in text
+    assert "| int8 | 1 | 2 | 0.950 | 1.100 | - | 1/1 | 0/1 | 0/1 | 90.0% | 0.9900 (0.9800) |" in text
+    assert "| 1bit | 0 | - | - | - | - | - | - | - | 50.0% | 0.8000 (0.7000) |" in text
 
 
 def test_methods_to_train_keeps_the_chosen_ones_in_order(sq):
