@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_less.gradients.quantize import INT_KERNEL_ENV, INT_KERNELS
+from hf_less.gradients.quantize import INT_KERNEL_ENV, INT_KERNELS, QUANTIZED_FORMATS
 
 STEPS = (1, 2, 3, 4)
 
@@ -140,14 +140,13 @@ def child_score(root: str, targets: int, budget: float, chunk_rows: int, integer
     """In a fresh process: score the store against ``targets`` random targets, then select; time and memory."""
     import torch
 
-    from hf_less.gradients.quantize import QUANTIZED_FORMATS, int_kernel
+    from hf_less.gradients.quantize import int_kernel
     from hf_less.gradients.store import FeatureStore
     from hf_less.scoring.less import score_store
     from hf_less.selection import strategies
 
     store = FeatureStore(root)
     kernel = int_kernel() if integer is not False and store.format in QUANTIZED_FORMATS else "float"
-
     dim = store.meta["dim"]
     g = torch.Generator().manual_seed(1)
     feats = [torch.randn(targets, dim, generator=g) for _ in STEPS]
@@ -179,7 +178,7 @@ def measure(root: Path, fmt: str, rows: int, targets: list[int], budget: float, 
     cold = nbytes / secs / 1e6
     _, warm_secs = sequential_read(root)  # now cached: what a warm page cache gives
     out = []
-    quantized = fmt in ("int8", "int4", "1bit")
+    quantized = fmt in QUANTIZED_FORMATS
     variants = [None] + (list(kernels) if quantized else []) + (["float path"] if float_path and quantized else [])
     for t, variant in [(t, v) for t in targets for v in variants]:
         drop_cache(root)
@@ -247,8 +246,7 @@ def main(argv=None) -> list[dict]:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['format']} | {r['rows']:,} | {r['size_gb']:.2f} | {r['targets']} | {r['kernel']} | "
-              f"{r['score_s']:.1f} | "
-              f"{r['topk_s']:.2f} | {r['round_robin_s']:.2f} | {r['extra_rss_mb']:.0f} | {r['score_mb_s']:.0f} | "
+              f"{r['score_s']:.1f} | {r['topk_s']:.2f} | {r['round_robin_s']:.2f} | {r['extra_rss_mb']:.0f} | {r['score_mb_s']:.0f} | "
               f"{r['dd_cold_mb_s']:.0f} | {r['score_mb_s'] / r['dd_cold_mb_s']:.0%} | {r['load_avg_1min']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
