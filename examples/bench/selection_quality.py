@@ -59,6 +59,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -79,8 +80,9 @@ METHODS = ("zero-shot", "random", "full pool", "LESS-topk", "LESS-round_robin", 
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def capture_warmup(base, tokenizer, pool, targets, warm_dir: Path, args) -> Path:
-    """The LESS warmup: LoRA SFT on a seeded ``warmup_fraction`` of ``pool``, capturing pool and target features."""
+def capture_warmup(base, tokenizer, pool, targets, warm_dir: Path, args, capture: bool = True) -> Path:
+    """The LESS warmup: LoRA SFT on a seeded ``warmup_fraction`` of ``pool``, capturing pool and target features
+    (``capture=False``: only the checkpoints' LESS state, for featurizing afterwards)."""
     from peft import LoraConfig
     from trl import SFTConfig
 
@@ -93,7 +95,7 @@ def capture_warmup(base, tokenizer, pool, targets, warm_dir: Path, args) -> Path
                        per_device_train_batch_size=args.batch_size, learning_rate=2e-4, lr_scheduler_type="linear",
                        max_length=args.max_length, report_to=[], use_cpu=not torch.cuda.is_available(),
                        logging_steps=50, save_only_model=True, seed=0, disable_tqdm=True)
-    capture = LessCallback(pool=pool, targets=targets, proj_dim=args.proj_dim, max_length=args.max_length,
+    capture = LessCallback(pool=pool if capture else None, targets=targets if capture else None, proj_dim=args.proj_dim, max_length=args.max_length,
                            batch_size=args.batch_size, proj_kind=getattr(args, "proj_kind", "sparse"),
                            pool_direction=getattr(args, "pool_direction", "adam"),
                            dtype=getattr(args, "store_dtype", "float16"))
@@ -603,6 +605,37 @@ def save_sims(cache: Path, sims: np.ndarray, t0: float) -> None:
     np.savez(cache, less_sims=sims, seconds=time.time() - t0)
 
 
+def base_warmup(base, tokenizer, pool, all_targets, out: Path, args, sample: int = 32, tol: float = 1e-2) -> Path:
+    """The run's own LESS warmup, ``OUT/warmup``; trained again, without the capture, where only its scores were kept.
+
+    A run copied from docs/results keeps its cached scores but not its warmup (31 MB of checkpoints). The
+    warmup is seeded, so its training (a minute, against an hour for the capture) is repeated, and checked:
+    the first ``sample`` pool rows featurized from the new checkpoints must give the cached LESS cosines to
+    ``tol`` (the cached ones came from float16 features).
+    """
+    warm_dir = out / "warmup"
+    if warm_dir.exists():
+        return warm_dir
+    t = time.time()
+    fresh = out / "warmup.partial"
+    shutil.rmtree(fresh, ignore_errors=True)  # an interrupted earlier attempt
+    capture_warmup(base, tokenizer, pool, all_targets, fresh, args, capture=False)
+    rows = pool.select(range(min(sample, len(pool))))
+    _, sims = run_selector(base, tokenizer, fresh, all_targets, args, use_captured=False,
+                           show_progress=False).score(rows)
+    cached = np.load(out / "transfer_scores.npz")["less_sims"][:len(rows)]
+    diff = float(np.abs(sims - cached).max())
+    if not diff <= tol:
+        raise SystemExit(f"The LESS warmup trained again in {fresh} does not reproduce the cached scores in "
+                         f"{out / 'transfer_scores.npz'} (max |cosine difference| {diff:.3g} > {tol} over {len(rows)} "
+                         "pool rows): another torch, transformers or trl version trains it differently. Run the "
+                         "benchmark on a fresh --out to recompute every score with this one.")
+    fresh.rename(warm_dir)
+    print(f"LESS warmup trained again in {time.time() - t:.0f} s; {len(rows)} pool rows reproduce the cached "
+          f"cosines to {diff:.2g}", flush=True)
+    return warm_dir
+
+
 def ablation_sims(base, tokenizer, pool, all_targets, out: Path, args, name: str, value) -> np.ndarray:
     """LESS's (N, T) pool-by-target cosine with ``name=value`` (all other settings the run's), cached."""
     cache = ablation_cache(out, name, value)
@@ -614,7 +647,7 @@ def ablation_sims(base, tokenizer, pool, all_targets, out: Path, args, name: str
     if name in ("warmup_epochs", "warmup_fraction", "warmup_lora_r"):
         warm_dir, captured = capture_warmup(base, tokenizer, pool, all_targets, cache.parent / "warmup", sub), True
     else:  # the same warmup, featurized with another projection or pool direction
-        warm_dir, captured = out / "warmup", False
+        warm_dir, captured = base_warmup(base, tokenizer, pool, all_targets, out, args), False
     _, sims = run_selector(base, tokenizer, warm_dir, all_targets, sub, use_captured=captured).score(pool)
     save_sims(cache, sims, t)
     return sims
@@ -807,7 +840,8 @@ def variant_loss_table(cells: dict, targets: list[str], budget: float, names: li
     seeds = paired seeds per target (min-max); lower = targets where the variant's mean loss is below LESS-topk's;
     beyond the spread = its mean + sd below LESS-topk's mean - sd; raised = LESS-topk's mean + sd below the
     variant's mean - sd (the adoption rule of issue 25: lower on two thirds of the targets of both sets, never
-    raised beyond the spread). ``extra``: more columns, a header -> per name its cell text (e.g. the agreement
+    raised beyond the spread). With one paired seed each side's sd is LESS-topk's over all of its seeds at that
+    target (the training-seed noise there), not 0: one seed has no spread of its own. ``extra``: more columns, a header -> per name its cell text (e.g. the agreement
     of a format's scores with float16's).
     """
     extra = extra or {}
@@ -826,6 +860,9 @@ def variant_loss_table(cells: dict, targets: list[str], budget: float, names: li
             if not paired:
                 continue
             m, b = _mean_sd([mv[s] for s in paired]), _mean_sd([bv[s] for s in paired])
+            if len(paired) == 1:  # no spread of its own: LESS-topk's over all its seeds at this target
+                noise = _mean_sd(list(_seed_losses(cells, f"transfer|{target}|{budget}|LESS-topk|").values()))[1]
+                m, b = (m[0], noise), (b[0], noise)
             paired_counts.append(len(paired))
             losses.append(m[0])
             bases.append(b[0])

@@ -234,14 +234,50 @@ def test_hub_loss_table_counts_lower_and_raised_beyond_the_spread(sq):
 
 
 def test_variants_are_compared_on_the_seeds_both_sides_have(sq):
-    """A remedy trained on seed 0 only meets LESS-topk's seed 0, not the mean of its seeds 0 and 1."""
+    """A remedy trained on seed 0 only meets LESS-topk's seed 0, not the mean of its seeds 0 and 1; with that one
+    paired seed, the spread is LESS-topk's own over its seeds at that target, not 0."""
     cells = {"transfer|a|0.05|LESS-topk|0": {"target_loss": 1.0}, "transfer|a|0.05|LESS-topk|1": {"target_loss": 3.0},
              "hub|center|a|0.05|LESS-topk|0": {"target_loss": 1.5},
              "transfer|b|0.05|LESS-topk|0": {"target_loss": 1.0}, "transfer|b|0.05|LESS-topk|1": {"target_loss": 1.2},
-             "hub|center|b|0.05|LESS-topk|0": {"target_loss": 0.8}, "hub|center|b|0.05|LESS-topk|1": {"target_loss": 1.0}}
-    text = sq.hub_loss_table(cells, ["a", "b"], 0.05, ["center"], [0, 1])
-    # a: 1.5 against 1.0 (seed 0): raised; b: 0.9 against 1.1 on seeds 0 and 1: lower
-    assert f"| center | 2 | 1-2 | {(1.5 + 0.9) / 2:.3f} | {(1.0 + 1.1) / 2:.3f} | - | 1/2 | 0/2 | 1/2 |" in text
+             "hub|center|b|0.05|LESS-topk|0": {"target_loss": 0.8}, "hub|center|b|0.05|LESS-topk|1": {"target_loss": 1.0},
+             "transfer|c|0.05|LESS-topk|0": {"target_loss": 1.0}, "transfer|c|0.05|LESS-topk|1": {"target_loss": 1.1},
+             "hub|center|c|0.05|LESS-topk|0": {"target_loss": 2.0}}
+    text = sq.hub_loss_table(cells, ["a", "b", "c"], 0.05, ["center"], [0, 1])
+    # a: 1.5 against 1.0 (seed 0), within LESS-topk's sd of 1.41 there; b: 0.9 against 1.1 on seeds 0 and 1,
+    # lower within the spread; c: 2.0 against 1.0 (seed 0), raised beyond LESS-topk's sd of 0.07 there
+    assert (f"| center | 3 | 1-2 | {(1.5 + 0.9 + 2.0) / 3:.3f} | {(1.0 + 1.1 + 1.0) / 3:.3f} | - | 1/3 | 0/3 | 1/3 |"
+            in text)
+
+
+def test_base_warmup_is_trained_again_and_checked_against_the_cached_scores(sq, tokenizer, tmp_path):
+    """A run copied without its warmup trains it again (no capture) and keeps it only if it reproduces the cached
+    LESS cosines; otherwise it stops with the reason and leaves the new checkpoints aside."""
+    import shutil
+
+    from datasets import Dataset
+
+    from hf_less.gradients.projection import DEFAULT_KIND
+    from tests.testing_utils import make_model, toy_tasks
+
+    pool = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in toy_tasks(4, seed=2)])
+    targets = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in toy_tasks(2, seed=3)])
+    args = argparse.Namespace(proj_dim=64, proj_kind=DEFAULT_KIND, pool_direction="adam", max_length=64, batch_size=4,
+                              warmup_epochs=2, warmup_fraction=0.5)
+    base = make_model(len(tokenizer))
+    warm = sq.capture_warmup(base, tokenizer, pool, targets, tmp_path / "warmup", args)
+    sims = sq.run_selector(base, tokenizer, warm, targets, args, show_progress=False).score(pool)[1]
+    np.savez(tmp_path / "transfer_scores.npz", less_sims=sims)
+    assert sq.base_warmup(base, tokenizer, pool, targets, tmp_path, args) == warm  # present: used as it is
+    shutil.rmtree(warm)
+    assert sq.base_warmup(base, tokenizer, pool, targets, tmp_path, args, sample=3) == warm
+    assert sorted(p.name for p in warm.glob("checkpoint-*")) and not (tmp_path / "warmup.partial").exists()
+    again = sq.run_selector(base, tokenizer, warm, targets, args, use_captured=False, show_progress=False).score(pool)
+    np.testing.assert_allclose(again[1], sims, atol=1e-2)
+    shutil.rmtree(warm)
+    np.savez(tmp_path / "transfer_scores.npz", less_sims=sims + 0.5)  # scores of another warmup
+    with pytest.raises(SystemExit, match="does not reproduce the cached scores"):
+        sq.base_warmup(base, tokenizer, pool, targets, tmp_path, args)
+    assert not warm.exists() and (tmp_path / "warmup.partial").exists()
 
 
 def test_remedy_names_carry_their_parameter(sq):
