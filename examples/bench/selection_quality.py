@@ -967,6 +967,25 @@ def methods_to_train(chosen: list[str] | None) -> tuple[list[str], list[str]]:
     return trained, [m for m in trained if m not in ("random", "full pool", "IFD")]
 
 
+def merge_cells(cells: dict, out: Path, others: list[Path]) -> int:
+    """Add to ``cells`` (those of ``out``) the cells of other runs' directories, keeping ``out``'s where both have one;
+    returns how many were added. Every directory must hold cells of the same pool and targets (its
+    ``pool_tasks.json``), so a cell means the same training wherever it was run."""
+    mine = out / "pool_tasks.json"
+    added = 0
+    for other in others:
+        theirs = other / "pool_tasks.json"
+        if not (other / "cells.json").exists() or not theirs.exists():
+            raise SystemExit(f"--merge_cells {other}: no cells.json and pool_tasks.json there (not a --transfer --out).")
+        if mine.exists() and json.loads(mine.read_text())["splits"] != json.loads(theirs.read_text())["splits"]:
+            raise SystemExit(f"--merge_cells {other}: its cells are of another pool or other targets than {out}'s.")
+        for key, cell in json.loads((other / "cells.json").read_text()).items():
+            if key not in cells:
+                cells[key] = cell
+                added += 1
+    return added
+
+
 def run_transfer(args, base, tokenizer, out: Path, cells: dict, cells_path: Path, t0: float, ev: dict) -> str:
     """The transfer benchmark: one shared pool without the target tasks, every target scored against it.
 
@@ -1222,10 +1241,14 @@ def main() -> None:
                    help="BIG-bench target tasks (multiple-choice ones get MC accuracy, others exact match). Default: "
                         "sports_understanding object_counting; --transfer: " + " ".join(TRANSFER_TARGETS) +
                         "; --transfer --quick: " + " ".join(QUICK_TARGETS) + ".")
-    p.add_argument("--methods", nargs="+", default=None, choices=[m for m in METHODS if m != "zero-shot"],
+    p.add_argument("--methods", nargs="*", default=None, choices=[m for m in METHODS if m != "zero-shot"],
                    help="--transfer: train only these methods' selections (default: all); the other cells are kept "
                         "and reported. E.g. --methods LESS-topk random with --hub_corrections trains what the remedy "
-                        "table needs first.")
+                        "table needs first; --methods alone trains none of them, only the remedies, formats and "
+                        "ablations.")
+    p.add_argument("--merge_cells", nargs="+", default=[], metavar="DIR",
+                   help="--transfer: first add the cells of other --out directories of the same pool and targets "
+                        "(invocations run side by side, each on its own copy), those already here kept.")
     p.add_argument("--budgets", nargs="+", type=float, default=None,
                    help="Fractions of the pool (default 0.05 0.1; --quick: 0.05).")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
@@ -1264,8 +1287,8 @@ def main() -> None:
         p.error("--distance is an analysis of the transfer mode; add --transfer.")
     if (args.hub_corrections or args.target_set != "base" or args.pool_include) and not args.transfer:
         p.error("--target_set, --pool_include and --hub_corrections are options of the transfer mode; add --transfer.")
-    if args.methods and not args.transfer:
-        p.error("--methods chooses the transfer mode's trainings; add --transfer.")
+    if (args.methods is not None or args.merge_cells) and not args.transfer:
+        p.error("--methods and --merge_cells are options of the transfer mode; add --transfer.")
     if args.store_formats and (not args.transfer or args.store_dtype != "float16"):
         p.error("--store_formats compares quantized stores with the float16 capture of the transfer mode: add "
                 "--transfer, without --store_dtype.")
@@ -1302,6 +1325,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cells_path = out / "cells.json"
     cells = json.loads(cells_path.read_text()) if cells_path.exists() else {}
+    if args.merge_cells:
+        added = merge_cells(cells, out, [Path(d) for d in args.merge_cells])
+        atomic_write_json(cells_path, cells)
+        print(f"--merge_cells: {added} cells added to {cells_path}", flush=True)
     t0 = time.time()
     base, tokenizer = load_model_and_tokenizer()
     base.eval()

@@ -391,9 +391,35 @@ def test_format_table_compares_each_format_with_float16_on_the_same_seeds(sq):
     assert "| 1bit | 0 | - | - | - | - | - | - | - | 50.0% | 0.8000 (0.7000) |" in text
 
 
+def test_merge_cells_adds_the_missing_cells_of_runs_on_the_same_pool(sq, tmp_path):
+    import json
+
+    def run_dir(name, splits, cells):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "pool_tasks.json").write_text(json.dumps({"splits": splits}))
+        (d / "cells.json").write_text(json.dumps(cells))
+        return d
+
+    out = run_dir("out", "p1", {})
+    cells = {"transfer|a|0.05|LESS-topk|0": {"target_loss": 1.0}}
+    side = run_dir("side", "p1", {"transfer|a|0.05|LESS-topk|0": {"target_loss": 9.0},
+                                  "hub|sgd|a|0.05|LESS-topk|0": {"target_loss": 2.0}})
+    assert sq.merge_cells(cells, out, [side]) == 1
+    assert cells == {"transfer|a|0.05|LESS-topk|0": {"target_loss": 1.0},
+                     "hub|sgd|a|0.05|LESS-topk|0": {"target_loss": 2.0}}
+    other = run_dir("other", "p2", {"hub|sgd|b|0.05|LESS-topk|0": {"target_loss": 2.0}})
+    with pytest.raises(SystemExit, match="another pool or other targets"):
+        sq.merge_cells(cells, out, [other])
+    with pytest.raises(SystemExit, match="not a --transfer --out"):
+        sq.merge_cells(cells, out, [tmp_path / "missing"])
+    assert len(cells) == 2
+
+
 def test_methods_to_train_keeps_the_chosen_ones_in_order(sq):
     trained, per_target = sq.methods_to_train(["LESS-topk", "random"])
     assert trained == ["random", "LESS-topk"] and per_target == ["LESS-topk"]
     trained, per_target = sq.methods_to_train(None)
     assert trained == [m for m in sq.METHODS if m != "zero-shot"]
     assert per_target == ["LESS-topk", "LESS-round_robin", "LESS-uot", "rds-round_robin", "embedding-round_robin"]
+    assert sq.methods_to_train([]) == ([], [])  # --methods alone: only the remedies, formats and ablations
