@@ -95,7 +95,8 @@ def capture_warmup(base, tokenizer, pool, targets, warm_dir: Path, args, capture
                        per_device_train_batch_size=args.batch_size, learning_rate=2e-4, lr_scheduler_type="linear",
                        max_length=args.max_length, report_to=[], use_cpu=not torch.cuda.is_available(),
                        logging_steps=50, save_only_model=True, seed=0, disable_tqdm=True)
-    capture = LessCallback(pool=pool if capture else None, targets=targets if capture else None, proj_dim=args.proj_dim, max_length=args.max_length,
+    capture = LessCallback(pool=pool if capture else None, targets=targets if capture else None,
+                           proj_dim=args.proj_dim, max_length=args.max_length,
                            batch_size=args.batch_size, proj_kind=getattr(args, "proj_kind", "sparse"),
                            pool_direction=getattr(args, "pool_direction", "adam"),
                            dtype=getattr(args, "store_dtype", "float16"))
@@ -841,8 +842,8 @@ def variant_loss_table(cells: dict, targets: list[str], budget: float, names: li
     beyond the spread = its mean + sd below LESS-topk's mean - sd; raised = LESS-topk's mean + sd below the
     variant's mean - sd (the adoption rule of issue 25: lower on two thirds of the targets of both sets, never
     raised beyond the spread). With one paired seed each side's sd is LESS-topk's over all of its seeds at that
-    target (the training-seed noise there), not 0: one seed has no spread of its own. ``extra``: more columns, a header -> per name its cell text (e.g. the agreement
-    of a format's scores with float16's).
+    target (the training-seed noise there), not 0: one seed has no spread of its own. ``extra``: more columns,
+    a header -> per name its cell text (e.g. the agreement of a format's scores with float16's).
     """
     extra = extra or {}
     head = "".join(f" {h} |" for h in extra)
