@@ -1,7 +1,7 @@
 """scripts/test_gpu.sh's steps, in order, without a GPU: ``$PYTHON`` is a stand-in that records each call.
 
-The script runs once per lent GPU (a rare 15 minutes), so a step it skips by mistake costs a whole
-session's figures; here every step's command line is checked on the CPU.
+The script is run rarely, on a GPU machine borrowed for a few minutes, so a step it skips by mistake costs
+that run's figures; here every step's command line is checked on the CPU.
 """
 
 from __future__ import annotations

@@ -862,7 +862,7 @@ def variant_loss_table(cells: dict, targets: list[str], budget: float, names: li
                 continue
             m, b = _mean_sd([mv[s] for s in paired]), _mean_sd([bv[s] for s in paired])
             if len(paired) == 1:  # no spread of its own: LESS-topk's over all its seeds at this target
-                noise = _mean_sd(list(_seed_losses(cells, f"transfer|{target}|{budget}|LESS-topk|").values()))[1]
+                noise = _loss_stats(cells, f"transfer|{target}|{budget}|LESS-topk|")[1]
                 m, b = (m[0], noise), (b[0], noise)
             paired_counts.append(len(paired))
             losses.append(m[0])
