@@ -40,11 +40,16 @@ from ..gradients.quantize import FLOAT_FORMATS, check_format, store_bytes
 
 @dataclass
 class Stage:
-    """One stage's projection: its name, wall seconds, and how they were reckoned."""
+    """One stage's projection: its name, wall seconds, and how they were reckoned.
+
+    ``count`` is what the seconds are reckoned per: training steps (warmup, final training), rows
+    times checkpoints featurized (pool and targets), rows scored.
+    """
 
     name: str
     seconds: float
     detail: str
+    count: int = 0
 
 
 @dataclass
@@ -307,12 +312,15 @@ def plan_run(model: torch.nn.Module, tokenizer, pool: Any, *, pool_size: int | N
     d = feats.shape[1]
     stages = [
         Stage("warmup", fixed_s + warm_steps * step_s,
-              f"{warm_steps} steps x {step_s:.3g} s ({n_warm} rows, {warmup_epochs} epochs, batch {batch_size})"),
+              f"{warm_steps} steps x {step_s:.3g} s ({n_warm} rows, {warmup_epochs} epochs, batch {batch_size})",
+              warm_steps),
         Stage("capture" if capture else "featurize", feature_s,
-              f"{n + targets} rows x {ckpts} checkpoints x {ex_s:.3g} s, {shards} shard writes x {shard_s:.3g} s"),
-        Stage("scoring", n * score_row_s, f"{n} rows x {score_row_s:.3g} s ({store_dtype}, d={d}, {targets} targets)"),
+              f"{n + targets} rows x {ckpts} checkpoints x {ex_s:.3g} s, {shards} shard writes x {shard_s:.3g} s",
+              (n + targets) * ckpts),
+        Stage("scoring", n * score_row_s, f"{n} rows x {score_row_s:.3g} s ({store_dtype}, d={d}, {targets} targets)",
+              n),
         Stage("final training", fixed_s + train_steps * step_s,
-              f"{train_steps} steps x {step_s:.3g} s ({k} selected rows, {train_epochs} epochs)"),
+              f"{train_steps} steps x {step_s:.3g} s ({k} selected rows, {train_epochs} epochs)", train_steps),
     ]
     return RunPlan(stages, store_bytes(store_dtype, d, n, ckpts), store_dtype, n,
                    {"step_s": step_s, "train_fixed_s": fixed_s, "feature_example_s": ex_s,
