@@ -40,7 +40,7 @@ def test_test_gpu_sh_runs_the_tests_then_every_benchmark(tmp_path):
     benches = [c for c in calls if c.startswith("examples/bench/featurize_scale.py")]
     assert len(tests) == 1
     assert [c.split("--kinds ")[1].split(" --")[0] for c in benches] == [
-        "rowshift", "sparse", "rademacher", "rowshift sparse rademacher"]
+        "rowshift rowshift-compiled", "sparse", "rademacher", "rowshift sparse rademacher"]
     assert all("--preset llama2-7b" in c for c in benches[:3]) and "--preset smollm2-135m" in benches[3]
     assert calls[-1].startswith("examples/bench/projection_speed.py --layers 32 --hidden 4096")
     assert tests[0] < calls.index(benches[0])  # the tests first: a failure shows before the timings
@@ -52,3 +52,14 @@ def test_test_gpu_sh_tests_only(tmp_path):
     assert rc == 0
     assert not any("examples/bench/" in c for c in calls)
     assert sum(c.startswith("-m pytest -q -m gpu") for c in calls) == 1
+
+
+def test_test_gpu_sh_limits_add_up_to_under_eight_minutes():
+    """Each step has its own time limit; together they must fit one device call (8 minutes, the start aside)."""
+    import re
+
+    text = (ROOT / "scripts" / "test_gpu.sh").read_text()
+    limits = [int(n) for n in re.findall(r"^(?:timeout|bench \w+) (\d+) ", text, flags=re.M)]
+    assert len(limits) == 6  # the tests, four featurization benchmarks, the projection call
+    assert sum(limits) < 8 * 60, limits
+    assert f"at most {sum(limits) / 60:.1f} minutes" in text  # the header states it

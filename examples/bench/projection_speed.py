@@ -5,11 +5,14 @@ Featurization projects each LoRA matrix's per-example Adam directions as they ar
 (``projector.project``) for every kind on the slices of a Llama-shaped LoRA (``2 x layers x 4``
 matrices of ``hidden x r``), warm (each projector's per-slice cache filled first, as over a pool),
 the kinds interleaved in rounds, the fastest round of each kept: a shared, noisy machine slows the
-rounds, not the comparison. CUDA events on a GPU, wall time on a CPU.
+rounds, not the comparison. CUDA events on a GPU, wall time on a CPU. With ``--adam`` it times the
+call pool examples make instead, ``projector.project_adam``: the Adam direction of the slice and its
+projection, which the row-shift kind's compiled pass (``rowshift/compiled``) fuses into one.
 
     .venv/bin/python examples/bench/projection_speed.py                       # 1 layer, hidden 2048, r = 64, B = 8
     .venv/bin/python examples/bench/projection_speed.py --layers 32 --hidden 4096 --rank 128 --batch 64   # 7B (GPU)
-    .venv/bin/python examples/bench/projection_speed.py --methods             # also the row-shift kind's two methods
+    .venv/bin/python examples/bench/projection_speed.py --methods             # also the row-shift kind's methods
+    .venv/bin/python examples/bench/projection_speed.py --methods --adam      # with the Adam direction (pool rows)
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dim", type=int, default=8192)
     p.add_argument("--kinds", nargs="+", default=["rowshift", "sparse"], choices=list(KINDS))
-    p.add_argument("--methods", action="store_true", help="time the row-shift kind's gather and scatter methods too")
+    p.add_argument("--methods", action="store_true",
+                   help="time the row-shift kind's gather and scatter methods and its compiled pass too")
+    p.add_argument("--adam", action="store_true",
+                   help="time project_adam (the Adam direction and its projection: a pool example's call)")
     p.add_argument("--rounds", type=int, default=10)
     return p.parse_args(argv)
 
@@ -47,14 +53,19 @@ def main(argv=None) -> dict:
     slices = 2 * 4 * args.layers
     P = n * slices
     x = torch.randn(args.batch, n, device=device)
+    m, v = torch.randn(n, device=device) * 1e-3, torch.rand(n, device=device) * 1e-5  # one moment pair serves all
     variants = {kind: make_projector(P, args.dim, kind, seed=0) for kind in args.kinds}
     if args.methods:
         for method in ("gather", "scatter"):
             variants[f"rowshift/{method}"] = make_projector(P, args.dim, "rowshift", seed=0, method=method)
+        variants["rowshift/compiled"] = make_projector(P, args.dim, "rowshift", seed=0, compile=True)
 
     def sweep(projector) -> None:
         for i in range(slices):
-            projector.project(x, i * n)
+            if args.adam:
+                projector.project_adam(x, m, v, (0.9, 0.999), 1e-8, i * n)
+            else:
+                projector.project(x, i * n)
 
     for projector in variants.values():  # warm: caches filled, kernels loaded
         sweep(projector)
@@ -66,6 +77,7 @@ def main(argv=None) -> dict:
             best[name] = min(best[name], timer.stop())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{where}; P = {P:,} ({slices} slices of {n:,}); d = {args.dim}; batch {args.batch}; "
+          f"{'project_adam (Adam direction and projection)' if args.adam else 'project'}; "
           f"fastest of {args.rounds} interleaved rounds")
     base = best[args.kinds[0]]
     for name, sec in best.items():

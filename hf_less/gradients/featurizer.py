@@ -183,15 +183,24 @@ class Featurizer:
         pool_direction: what a call with a checkpoint's ``moments`` computes: ``"adam"`` (default,
             the reference's) the Adam direction ``Gamma = m' / sqrt(v' + eps)``, ``"sgd"`` the plain
             gradient ``g``, as for targets (an ablation: ``b1 m`` is the same for every pool example).
+        compile_projection: project each slice with the row-shift kind's ``torch.compile``'d pass
+            (the Adam direction and the gather fused: see :class:`~hf_less.gradients.projection.RowShiftProjector`).
+            The same features to float32 rounding, not part of their identity; compiling costs
+            seconds to a minute once per process. Off by default until a GPU measurement says it pays
+            (docs/performance.md).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, proj_dim: int | None = 8192, *,
                  proj_kind: str = DEFAULT_KIND, proj_seed: int = 0, max_length: int | None = 2048,
                  batch_size: int | str = 8, projection_buffer_bytes: int = 2**30, show_progress: bool = True,
-                 on_empty_completion: str = "error", autocast: bool = False, pool_direction: str = "adam"):
+                 on_empty_completion: str = "error", autocast: bool = False, pool_direction: str = "adam",
+                 compile_projection: bool = False):
         if pool_direction not in POOL_DIRECTIONS:
             raise ValueError(f"pool_direction must be one of {POOL_DIRECTIONS}, got {pool_direction!r}.")
         check_proj_dim(proj_dim, proj_kind)
+        if compile_projection and (proj_dim is None or proj_kind != "rowshift"):
+            raise ValueError("compile_projection compiles the row-shift projection: it needs proj_kind='rowshift' "
+                             f"and a proj_dim (got proj_kind={proj_kind!r}, proj_dim={proj_dim!r}).")
         self.pool_direction = pool_direction
         self.auto_batch_size = batch_size == "auto"
         if not self.auto_batch_size and (isinstance(batch_size, str) or int(batch_size) < 1):
@@ -205,7 +214,8 @@ class Featurizer:
         self.show_progress = show_progress
         self.autocast = bool(autocast)
         self.grads = PerExampleGradients(model, adapter_name_of(model), autocast=self.autocast)
-        self.projector = None if proj_dim is None else make_projector(self.grads.dim, proj_dim, proj_kind, proj_seed)
+        self.projector = None if proj_dim is None else make_projector(
+            self.grads.dim, proj_dim, proj_kind, proj_seed, **({"compile": True} if compile_projection else {}))
         self.dim = self.grads.dim if proj_dim is None else int(proj_dim)
         self._device_moments: tuple[AdamMoments, AdamMoments] | None = None  # (caller's, on the device)
 

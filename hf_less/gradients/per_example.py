@@ -469,6 +469,9 @@ def gradient_features(
                 )
             m = moments.exp_avg[key].to(device=device, dtype=torch.float32).reshape(-1)
             v = moments.exp_avg_sq[key].to(device=device, dtype=torch.float32).reshape(-1)
+            if projector is not None:  # the direction and its projection in one call (fused where it can be)
+                out += projector.project_adam(g, m, v, moments.betas, moments.eps, offsets[i])
+                continue
             g = adam_direction(g, m, v, moments.betas, moments.eps)
         if projector is None:
             parts.append(g)

@@ -41,9 +41,12 @@ sweep the blocks in order (an LRU cache smaller than the sweep would never hit).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .per_example import adam_direction
 
 KINDS = ("rowshift", "sparse", "rademacher", "gaussian")
 DEFAULT_KIND = "rowshift"
@@ -216,6 +219,15 @@ def _mm_float32_out(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     return (x @ block).float()
 
 
+class _ProjectsAdam:
+    """``project_adam``, which every kind has: the projection of LESS's Adam direction of a slice."""
+
+    def project_adam(self, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                     betas: tuple[float, float], eps: float, offset: int = 0) -> torch.Tensor:
+        """``project(adam_direction(g, exp_avg, exp_avg_sq, betas, eps), offset)``: ``(B, n) -> (B, d)``."""
+        return self.project(adam_direction(g, exp_avg, exp_avg_sq, betas, eps), offset)
+
+
 class _Cache:
     """Tensors kept up to ``cache_bytes``: the first ones that fit (projections sweep in order)."""
 
@@ -251,7 +263,7 @@ def _check_dims(dim_in: int, proj_dim) -> None:
         raise ValueError(f"Cannot project {dim_in} coordinates: the generators count them in 32 bits.")
 
 
-class RandomProjector:
+class RandomProjector(_ProjectsAdam):
     """Projects vectors of length ``dim_in`` to ``proj_dim`` with a seeded dense random matrix.
 
     Args:
@@ -364,7 +376,7 @@ class RandomProjector:
         return _project_whole(self, x)
 
 
-class _MatrixFreeProjector:
+class _MatrixFreeProjector(_ProjectsAdam):
     """What the matrix-free kinds share: each parameter slice projected as it is formed, in float32,
     with the per-slice hashes cached up to ``cache_bytes``."""
 
@@ -478,17 +490,23 @@ class RowShiftProjector(_MatrixFreeProjector):
         cache_bytes: bound on the memory kept per parameter slice: signs and gather indices (12
             bytes per coordinate) or scatter indices (8); slices beyond it regenerate theirs per call.
         method: ``"auto"``, ``"gather"`` or ``"scatter"`` (see above).
+        compile: run the gather, and for pool examples the Adam direction before it
+            (:meth:`project_adam`), as one ``torch.compile``'d pass on every device: the direction
+            and the laid-out rows are never written out. The same sum to float32 rounding, in a
+            fixed order (deterministic); the first call of each new slice shape compiles (seconds
+            to a minute). Where compilation fails it warns once and computes the same sum eagerly.
     """
 
     kind = "rowshift"
     METHODS = ("auto", "gather", "scatter")
 
     def __init__(self, dim_in: int, proj_dim: int, seed: int = 0, cache_bytes: int = 2**30, *,
-                 method: str = "auto"):
+                 method: str = "auto", compile: bool = False):
         _check_dims(dim_in, proj_dim)
         if method not in self.METHODS:
             raise ValueError(f"Unknown row-shift method {method!r}; expected one of {self.METHODS}.")
         self.dim_in, self.proj_dim, self.seed, self.method = int(dim_in), proj_dim, int(seed), method
+        self.compile = bool(compile)
         self._cache = _Cache(cache_bytes)
 
     @property
@@ -541,18 +559,77 @@ class RowShiftProjector(_MatrixFreeProjector):
         _check_slice(offset, n, self.dim_in)
         d, B = self.proj_dim, x.shape[0]
         xs = x.detach().to(torch.float32)
+        if self.compile:
+            return self._compiled("gather", xs, offset)
         method = self.method if self.method != "auto" else ("gather" if x.is_cuda else "scatter")
         if method == "scatter":
             acc = torch.zeros((B, 2 * d), device=x.device, dtype=torch.float32)
             acc.index_add_(1, self.targets(offset, n, x.device), xs)
             return acc[:, :d] - acc[:, d:]
         signs, index = self.gather_plan(offset, n, x.device)
-        rows, lead = signs.shape[0], offset % d
-        if lead or n != rows * d:  # lay the slice into whole rows (the rows' other coordinates are 0)
-            xs = F.pad(xs, (lead, rows * d - lead - n))
-        xs = xs.view(B, rows, d) * signs
-        # out[b, p] = sum_k xs[b, k, (p - h_k) mod d]; the sum over k runs in a fixed order.
-        return torch.gather(xs, 2, index.expand(B, rows, d)).sum(1)
+        return rowshift_gather(xs, signs, index, offset % d)
+
+    def project_adam(self, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                     betas: tuple[float, float], eps: float, offset: int = 0) -> torch.Tensor:
+        """The projection of LESS's Adam direction: ``project(adam_direction(g, m, v, betas, eps), offset)``.
+
+        ``g``: ``(B, n)`` per-example gradients of coordinates ``[offset, offset + n)``; ``exp_avg``,
+        ``exp_avg_sq``: their ``(n,)`` moments. With ``compile`` one fused pass reads ``g``, ``m``
+        and ``v`` once; otherwise the direction is formed, then projected.
+        """
+        if not self.compile:
+            return super().project_adam(g, exp_avg, exp_avg_sq, betas, eps, offset)
+        _check_slice(offset, g.shape[1], self.dim_in)
+        return self._compiled("adam", g.detach().to(torch.float32), offset, exp_avg, exp_avg_sq,
+                              float(betas[0]), float(betas[1]), float(eps))
+
+    def _compiled(self, which: str, x: torch.Tensor, offset: int, *adam) -> torch.Tensor:
+        """The compiled gather (``"gather"``) or Adam direction and gather (``"adam"``) of one slice."""
+        signs, index = self.gather_plan(offset, x.shape[1], x.device)
+        args = (x, *adam, signs, index, offset % self.proj_dim)
+        try:
+            return _compiled_rowshift(which)(*args)
+        except Exception as e:  # no C++/Triton toolchain, an unsupported torch: the same sum, eagerly
+            warnings.warn(f"torch.compile of the row-shift projection failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); projecting without it.", stacklevel=3)
+            self.compile = False
+            eager = rowshift_gather if which == "gather" else adam_rowshift_gather
+            return eager(*args)
+
+
+def rowshift_gather(x: torch.Tensor, signs: torch.Tensor, index: torch.Tensor, lead: int) -> torch.Tensor:
+    """The row-shift sum of one slice by a gather: ``(B, n) -> (B, d)`` float32.
+
+    ``x`` holds coordinates ``[offset, offset + n)`` with ``lead = offset mod d``; ``signs`` and
+    ``index`` (``(K, d)``) are :meth:`RowShiftProjector.gather_plan`'s for the ``K`` rows it touches.
+    """
+    B, n = x.shape
+    rows, d = signs.shape
+    if lead or n != rows * d:  # lay the slice into whole rows (the rows' other coordinates are 0)
+        x = F.pad(x, (lead, rows * d - lead - n))
+    # out[b, p] = sum_k s_k[p'] x[b, k, p'] at p' = (p - h_k) mod d; the sum over k runs in a fixed order.
+    return torch.gather(x.view(B, rows, d) * signs, 2, index.expand(B, rows, d)).sum(1)
+
+
+def adam_rowshift_gather(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, b1: float, b2: float,
+                         eps: float, signs: torch.Tensor, index: torch.Tensor, lead: int) -> torch.Tensor:
+    """:func:`rowshift_gather` of the Adam direction :func:`~hf_less.gradients.per_example.adam_direction`
+    of ``g`` (``(B, n)``) with moments ``exp_avg``, ``exp_avg_sq`` (``(n,)``): what is compiled into one pass."""
+    return rowshift_gather(adam_direction(g, exp_avg, exp_avg_sq, (b1, b2), eps), signs, index, lead)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_rowshift(which: str):
+    """``torch.compile`` of :func:`rowshift_gather` or :func:`adam_rowshift_gather`, made once per process.
+
+    ``dynamic=True``: the slices of a model have many shapes, and one graph serves them all.
+    """
+    if which not in _COMPILED:
+        fn = rowshift_gather if which == "gather" else adam_rowshift_gather
+        _COMPILED[which] = torch.compile(fn, dynamic=True)
+    return _COMPILED[which]
 
 
 def _check_slice(offset: int, n: int, dim_in: int) -> None:

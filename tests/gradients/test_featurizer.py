@@ -11,6 +11,7 @@ from hf_less import LessSelector
 from hf_less.data import encode_batch, pad_token_id
 from hf_less.gradients.featurizer import Featurizer, NonFiniteFeatureError
 from hf_less.gradients.per_example import PerExampleGradients, eval_mode
+from hf_less.gradients.projection import make_projector
 from hf_less.gradients.store import FeatureStore
 
 from tests.testing_utils import (POOL, SETTINGS, SHARD_ROWS, dense_matrix, encoded_toy_tasks, make_lora_model,
@@ -23,10 +24,11 @@ def encoded(tokenizer):
     return encoded_toy_tasks(tokenizer)
 
 
-@pytest.mark.parametrize("kind,buffer_rows", [("rademacher", 1), ("rademacher", 100), ("sparse", 100),
-                                              ("rowshift", 100)])
-def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, kind, buffer_rows):
-    """Buffered units, one-by-one projection and the naive per-example loop agree, for each kind."""
+@pytest.mark.parametrize("kind,buffer_rows,compiled", [("rademacher", 1, False), ("rademacher", 100, False),
+                                                       ("sparse", 100, False), ("rowshift", 100, False),
+                                                       ("rowshift", 100, True)])
+def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, kind, buffer_rows, compiled):
+    """Buffered units, one-by-one projection, the compiled row-shift pass and the naive per-example loop agree."""
     from hf_less.gradients.featurizer import Featurizer
 
     grads = PerExampleGradients(lora_model)
@@ -35,8 +37,10 @@ def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, 
     v = torch.cat([moments.exp_avg_sq[k].reshape(-1) for k in grads.keys])
     d = 128
     feat = Featurizer(lora_model, tokenizer, d, proj_kind=kind, batch_size=2, show_progress=False,
-                      projection_buffer_bytes=buffer_rows * grads.dim * 4)
+                      projection_buffer_bytes=buffer_rows * grads.dim * 4, compile_projection=compiled)
     out = feat(encoded, moments)
+    assert feat.projector.identity == make_projector(grads.dim, d, kind).identity  # compiling is not in it
+    assert getattr(feat.projector, "compile", False) is compiled  # (a failed compile turns it off, warning)
     R = dense_matrix(grads.dim, d, kind, 0)
     with eval_mode(lora_model):
         g = torch.stack([naive_gradient(lora_model, i, lab) for i, lab in encoded])
@@ -106,33 +110,35 @@ def test_cuda_features_match_the_cpu_with_auto_batch_size(tokenizer, encoded):
     assert ((bf16 * cpu).sum(1) > 0.99).all()
 
 
-def deterministic_runs(model, tokenizer, encoded, moments, kind, dim, batch_size, runs=2):
+def deterministic_runs(model, tokenizer, encoded, moments, kind, dim, batch_size, runs=2, compiled=False):
     """Features of ``runs`` fresh featurizers (fresh caches) under ``torch.use_deterministic_algorithms(True)``."""
     from hf_less.gradients.featurizer import Featurizer
 
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return [Featurizer(model, tokenizer, dim, proj_kind=kind, batch_size=batch_size, show_progress=False)(
-            encoded, moments) for _ in range(runs)]
+        return [Featurizer(model, tokenizer, dim, proj_kind=kind, batch_size=batch_size, show_progress=False,
+                           compile_projection=compiled)(encoded, moments) for _ in range(runs)]
     finally:
         torch.use_deterministic_algorithms(before)
 
 
-@pytest.mark.parametrize("kind", ["rowshift", "sparse", "rademacher"])
-def test_two_runs_give_bitwise_equal_features_under_deterministic_algorithms(tokenizer, encoded, kind):
+@pytest.mark.parametrize("kind,compiled", [("rowshift", False), ("sparse", False), ("rademacher", False),
+                                           ("rowshift", True)])
+def test_two_runs_give_bitwise_equal_features_under_deterministic_algorithms(tokenizer, encoded, kind, compiled):
     """Determinism: fresh featurizers (fresh caches) on the same model give the same bits, and the path
     runs under ``torch.use_deterministic_algorithms(True)`` (nothing on it is flagged non-deterministic)."""
     model = make_lora_model(tokenizer)
-    runs = deterministic_runs(model, tokenizer, encoded, random_moments(PerExampleGradients(model)), kind, 256, 3)
+    runs = deterministic_runs(model, tokenizer, encoded, random_moments(PerExampleGradients(model)), kind, 256, 3,
+                              compiled=compiled)
     assert torch.equal(runs[0], runs[1])
     assert torch.isfinite(runs[0]).all() and torch.allclose(runs[0].norm(dim=1), torch.ones(len(encoded)))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("kind", ["rowshift", "rademacher"])
-def test_cuda_features_are_bitwise_reproducible_and_match_the_cpu(tokenizer, encoded, kind):
+@pytest.mark.parametrize("kind,compiled", [("rowshift", False), ("rademacher", False), ("rowshift", True)])
+def test_cuda_features_are_bitwise_reproducible_and_match_the_cpu(tokenizer, encoded, kind, compiled):
     """Two runs on one GPU give equal bits (the row-shift gather has no atomics); the CPU agrees to float32
     rounding. The store fingerprint rests on this."""
     from hf_less.gradients.featurizer import Featurizer
@@ -140,7 +146,7 @@ def test_cuda_features_are_bitwise_reproducible_and_match_the_cpu(tokenizer, enc
     model = make_lora_model(tokenizer)
     moments = random_moments(PerExampleGradients(model))
     cpu = Featurizer(model, tokenizer, 4096, proj_kind=kind, show_progress=False)(encoded, moments)
-    runs = deterministic_runs(model.cuda(), tokenizer, encoded, moments, kind, 4096, 4)
+    runs = deterministic_runs(model.cuda(), tokenizer, encoded, moments, kind, 4096, 4, compiled=compiled)
     assert torch.equal(runs[0], runs[1])
     # Unit-norm features: float32 rounding of the gradients and of the sums, differently ordered.
     assert (runs[0] - cpu).abs().max() < 1e-4
@@ -207,3 +213,10 @@ def test_missing_pad_token_falls_back_without_changing_features(tokenizer):
         assert torch.equal(features["pad", side], features["eos", side])
         assert torch.equal(features["pad", side], features["zero", side])
     torch.testing.assert_close(features["pad", "right"], features["pad", "left"], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_projection_needs_the_rowshift_kind(lora_model, tokenizer):
+    for kind, dim in (("sparse", 64), ("rademacher", 64), ("rowshift", None)):
+        with pytest.raises(ValueError, match="compile_projection compiles the row-shift projection: it needs "
+                                             "proj_kind='rowshift' and a proj_dim"):
+            Featurizer(lora_model, tokenizer, dim, proj_kind=kind, compile_projection=True)

@@ -237,6 +237,58 @@ def test_rowshift_methods_agree_and_each_is_bitwise_deterministic():
     torch.testing.assert_close(out["gather"], out["scatter"], rtol=1e-5, atol=1e-5 * out["scatter"].abs().max().item())
 
 
+def naive_adam_direction(g, m, v, b1=0.9, b2=0.999, eps=1e-8):
+    """LESS's Gamma written out in float64: ``(b1 m + (1 - b1) g) / sqrt(b2 v + (1 - b2) g^2 + eps)``."""
+    g, m, v = g.double(), m.double(), v.double()
+    return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g**2 + eps)
+
+
+def test_compiled_rowshift_fuses_the_adam_direction_and_is_the_dense_matrix():
+    """``compile=True``: one compiled pass per slice gives ``Gamma R`` (R built coordinate by coordinate in
+    Python), plain gradients give ``x R``, slices add up, and two fresh projectors give the same bits."""
+    P, d = 3 * 256 + 77, 256
+    g = gradient_like(4, P, seed=5)
+    m = torch.randn(P) * 1e-3
+    v = torch.rand(P) * 1e-5
+    R = dense_matrix(P, d, "rowshift", 2).double()
+    cut = 300  # both slices start or end inside a row
+    runs = []
+    for _ in range(2):
+        proj = RowShiftProjector(P, d, seed=2, compile=True, cache_bytes=0)
+        adam = (proj.project_adam(g[:, :cut], m[:cut], v[:cut], (0.9, 0.999), 1e-8, 0)
+                + proj.project_adam(g[:, cut:], m[cut:], v[cut:], (0.9, 0.999), 1e-8, cut))
+        plain = proj.project(g[:, :cut], 0) + proj.project(g[:, cut:], cut)
+        assert proj.compile  # compiled, not fallen back
+        runs.append((adam, plain))
+    ref = naive_adam_direction(g, m, v) @ R
+    torch.testing.assert_close(runs[0][0].double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(runs[0][1].double(), g.double() @ R, rtol=1e-5, atol=1e-5)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    # The eager path of every kind computes the same direction.
+    eager = RowShiftProjector(P, d, seed=2).project_adam(g, m, v, (0.9, 0.999), 1e-8)
+    torch.testing.assert_close(eager.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_a_failed_compile_warns_once_and_projects_eagerly(monkeypatch):
+    from hf_less.gradients import projection
+
+    def broken(which):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return fail
+
+    monkeypatch.setattr(projection, "_compiled_rowshift", broken)
+    P, d = 600, 128
+    g, m, v = gradient_like(3, P, seed=1), torch.randn(P) * 1e-3, torch.rand(P) * 1e-5
+    proj = RowShiftProjector(P, d, seed=0, compile=True)
+    with pytest.warns(UserWarning, match=r"torch.compile of the row-shift projection failed \(RuntimeError: no C\+\+ "
+                                         r"compiler found\); projecting without it"):
+        out = proj.project_adam(g, m, v, (0.9, 0.999), 1e-8)
+    assert not proj.compile
+    expected = RowShiftProjector(P, d, seed=0, method="gather").project_adam(g, m, v, (0.9, 0.999), 1e-8)
+    assert torch.equal(out, expected)
+
+
 def test_rowshift_cache_holds_the_plan_of_each_slice_within_its_bound():
     proj = RowShiftProjector(1000, 64, cache_bytes=600 * 8 + 10, method="scatter")
     x = torch.randn(3, 1000)
