@@ -92,6 +92,9 @@ class FeaturizeArguments:
         "help": f"Projection (default {DEFAULT_KIND}): {KIND_HELP}."})
     pool_direction: str = field(default="adam", metadata={
         "help": "Pool examples' features: adam (LESS's Adam direction) or sgd (the plain gradient)."})
+    compile_projection: bool = field(default=False, metadata={
+        "help": "Run the row-shift projection and the Adam direction before it as one torch.compile'd pass "
+                "(the same features to float32 rounding; compiling costs seconds to a minute once)."})
     checkpoints: list[int] | None = field(default=None, metadata={"help": "Warmup steps to use (default: all)."})
     hub_correction: str | None = field(default=None, metadata={
         "help": "Scoring: a correction of hubness (a few pool rows near every target): center, pca or csls "
@@ -108,7 +111,10 @@ class FeaturizeArguments:
         from ..gradients.quantize import check_format
         from ..scoring.hubness import HubCorrection
 
+        from ..gradients.featurizer import check_compile_projection
+
         HubCorrection(self.hub_correction, self.hub_pca_components, csls_k=self.hub_csls_k)  # refuse bad values early
+        check_compile_projection(self.compile_projection, self.proj_dim or None, self.proj_kind, "--")
         self.store_dtype = check_format(self.store_dtype)  # a typo fails before the model is loaded
 
 

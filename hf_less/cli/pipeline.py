@@ -247,7 +247,7 @@ def make_selector(base_model, tokenizer, rd: RunData, layout: RunLayout, model_a
 
     return LessSelector(base_model, layout.warmup, text_only(rd.targets), tokenizer=tokenizer,
                         proj_dim=feat.proj_dim or None, proj_kind=feat.proj_kind, pool_direction=feat.pool_direction,
-                        max_length=model_args.max_length,
+                        compile_projection=feat.compile_projection, max_length=model_args.max_length,
                         batch_size=model_args.batch_size, checkpoints=feat.checkpoints, show_progress=not run.quiet,
                         hub_correction=feat.hub_correction, hub_pca_components=feat.hub_pca_components,
                         hub_csls_k=feat.hub_csls_k)

@@ -75,6 +75,15 @@ def check_proj_dim(proj_dim: int | None, proj_kind: str = DEFAULT_KIND, name: st
             "(LESS uses 8192; 1024 to 8192 all select well), or another proj_kind.")
 
 
+def check_compile_projection(compile_projection: bool, proj_dim: int | None, proj_kind: str,
+                             prefix: str = "") -> None:
+    """Refuse ``compile_projection`` where there is no row-shift projection to compile (``prefix``: "less_" in a config)."""
+    if compile_projection and (proj_dim is None or proj_kind != "rowshift"):
+        raise ValueError(f"{prefix}compile_projection compiles the row-shift projection: it needs "
+                         f"{prefix}proj_kind='rowshift' and a {prefix}proj_dim (got {prefix}proj_kind={proj_kind!r}, "
+                         f"{prefix}proj_dim={proj_dim!r}). Turn {prefix}compile_projection off for this kind.")
+
+
 def find_batch_size(fits: Callable[[int], Any], start: int) -> int:
     """The largest of ``start, start / 2, ..., 1`` for which ``fits(size)`` runs without running out of memory.
 
@@ -198,9 +207,7 @@ class Featurizer:
         if pool_direction not in POOL_DIRECTIONS:
             raise ValueError(f"pool_direction must be one of {POOL_DIRECTIONS}, got {pool_direction!r}.")
         check_proj_dim(proj_dim, proj_kind)
-        if compile_projection and (proj_dim is None or proj_kind != "rowshift"):
-            raise ValueError("compile_projection compiles the row-shift projection: it needs proj_kind='rowshift' "
-                             f"and a proj_dim (got proj_kind={proj_kind!r}, proj_dim={proj_dim!r}).")
+        check_compile_projection(compile_projection, proj_dim, proj_kind)
         self.pool_direction = pool_direction
         self.auto_batch_size = batch_size == "auto"
         if not self.auto_batch_size and (isinstance(batch_size, str) or int(batch_size) < 1):

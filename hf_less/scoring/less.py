@@ -66,6 +66,9 @@ class LessSelector(TargetScorer):
         autocast: featurize under bfloat16 autocast (default off: the precision of the model's weights).
         pool_direction: ``"adam"`` (default: LESS's Adam direction for pool examples) or ``"sgd"`` (their
             plain gradient, an ablation); see :class:`hf_less.gradients.featurizer.Featurizer`.
+        compile_projection: the row-shift projection (and the Adam direction before it) as one
+            ``torch.compile``'d pass; the same features to float32 rounding (see
+            :class:`hf_less.gradients.featurizer.Featurizer`).
         subtask_column: a column of ``targets`` naming each example's subtask; ``less_score``
             is then the max over subtasks of the mean similarity within the subtask.
         checkpoints: warmup steps to use (default: all).
@@ -107,6 +110,7 @@ class LessSelector(TargetScorer):
         batch_size: int | str = 8,
         autocast: bool = False,
         pool_direction: str = "adam",
+        compile_projection: bool = False,
         subtask_column: str | None = None,
         checkpoints: Sequence[int] | None = None,
         device: str | torch.device | None = None,
@@ -136,7 +140,8 @@ class LessSelector(TargetScorer):
         self.featurizer = Featurizer(
             self.model, tokenizer, proj_dim, proj_kind=proj_kind, proj_seed=proj_seed, max_length=max_length,
             batch_size=batch_size, projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
-            on_empty_completion=on_empty_completion, autocast=autocast, pool_direction=pool_direction)
+            on_empty_completion=on_empty_completion, autocast=autocast, pool_direction=pool_direction,
+            compile_projection=compile_projection)
         self.grads = self.featurizer.grads
         check_base_model(self.checkpoints, self.featurizer.identity["model"],
                          lambda: base_model_record(self.model)["weights_bf16"],

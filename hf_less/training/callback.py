@@ -18,7 +18,9 @@ from transformers import TrainerCallback
 
 from ..data import n_scored
 from ..gradients import sharded
-from ..gradients.featurizer import Encoded, Featurizer, adapter_name_of, base_model_record, check_proj_dim
+from ..gradients.featurizer import (
+    Encoded, Featurizer, adapter_name_of, base_model_record, check_compile_projection, check_proj_dim,
+)
 from ..gradients.per_example import AdamMoments, parameter_key, trainable_parameters
 from ..gradients.projection import DEFAULT_KIND
 from ..gradients.quantize import check_format
@@ -85,7 +87,7 @@ class LessCallback(TrainerCallback):
         pool: candidate examples to capture (any format ``LessSelector`` accepts), or ``None``.
         targets: target examples to capture, or ``None``.
         proj_dim, proj_kind, proj_seed, max_length, batch_size, projection_buffer_bytes, autocast,
-            pool_direction: as for ``LessSelector`` (the projection, ``max_length`` and
+            pool_direction, compile_projection: as for ``LessSelector`` (the projection, ``max_length`` and
             ``pool_direction`` must match the selector that reuses the features). Capture runs at the model's own precision unless ``autocast``, whatever
             mixed precision the training uses.
         tokenizer: defaults to the Trainer's ``processing_class``.
@@ -107,16 +109,18 @@ class LessCallback(TrainerCallback):
                  proj_dim: int | None = 8192, *, proj_kind: str = DEFAULT_KIND, proj_seed: int = 0,
                  max_length: int | None = 2048, batch_size: int | str = 8, projection_buffer_bytes: int = 2**30,
                  tokenizer=None, shard_rows: int = 1024, dtype: str = "float16", show_progress: bool = True,
-                 on_empty_completion: str = "error", autocast: bool = False, pool_direction: str = "adam"):
+                 on_empty_completion: str = "error", autocast: bool = False, pool_direction: str = "adam",
+                 compile_projection: bool = False):
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.pool, self.targets = pool, targets
         if self.captures:  # before training starts, not at the first save
             check_proj_dim(proj_dim, proj_kind)
+            check_compile_projection(compile_projection, proj_dim, proj_kind)
         self.capture_settings = dict(proj_dim=proj_dim, proj_kind=proj_kind, proj_seed=proj_seed,
                                      max_length=max_length, batch_size=batch_size,
                                      projection_buffer_bytes=projection_buffer_bytes, show_progress=show_progress,
                                      on_empty_completion=on_empty_completion, autocast=autocast,
-                                     pool_direction=pool_direction)
+                                     pool_direction=pool_direction, compile_projection=compile_projection)
         self.tokenizer = tokenizer
         self.shard_rows = int(shard_rows)
         self.dtype = check_format(dtype)  # an unknown format fails now, not at the first checkpoint

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from ..gradients.featurizer import POOL_DIRECTIONS, check_proj_dim
+from ..gradients.featurizer import POOL_DIRECTIONS, check_compile_projection, check_proj_dim
 from ..gradients.projection import DEFAULT_KIND, KIND_HELP
 from ..gradients.quantize import check_format
 from ..scoring.hubness import HUB_CORRECTIONS, HubCorrection
@@ -79,6 +79,10 @@ class LessSFTConfig(SFTConfig):
     less_autocast: bool = field(default=False, metadata={
         "help": "Featurize under bfloat16 autocast (faster on a GPU). Off by default: features are computed at the "
                 "precision of the model's weights, even when training uses bf16."})
+    less_compile_projection: bool = field(default=False, metadata={
+        "help": "Featurize with the row-shift projection and the Adam direction before it as one torch.compile'd "
+                "pass (less_proj_kind='rowshift'): the same features to float32 rounding; compiling costs "
+                "seconds to a minute once."})
     less_subtask_column: str | None = field(default=None, metadata={
         "help": "Column of the targets naming subtasks: the score is the max over subtasks of the mean similarity."})
     less_store_dtype: str = field(default="float16", metadata={
@@ -121,6 +125,7 @@ class LessSFTConfig(SFTConfig):
         if self.less_proj_dim < 0:
             raise ValueError(f"less_proj_dim={self.less_proj_dim} must be > 0, or 0 for exact gradients.")
         check_proj_dim(self.less_projection_dim, self.less_proj_kind, "less_proj_dim")
+        check_compile_projection(self.less_compile_projection, self.less_projection_dim, self.less_proj_kind, "less_")
 
     @property
     def less_budget_value(self) -> int | float:

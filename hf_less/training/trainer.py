@@ -248,7 +248,7 @@ class LessSFTTrainer(SFTTrainer):
             pool=self.pool, targets=self._targets_without_subtasks(), proj_dim=a.less_projection_dim,
             proj_kind=a.less_proj_kind, proj_seed=a.less_proj_seed, max_length=self._max_length(),
             batch_size=a.less_featurize_batch_size, autocast=a.less_autocast,
-            pool_direction=a.less_pool_direction, tokenizer=tokenizer,
+            compile_projection=a.less_compile_projection, pool_direction=a.less_pool_direction, tokenizer=tokenizer,
             dtype=a.less_store_dtype,
             show_progress=not a.disable_tqdm, on_empty_completion=a.less_on_empty_completion)
         run = {
@@ -282,7 +282,8 @@ class LessSFTTrainer(SFTTrainer):
             model, warmup_dir, self.target_dataset, tokenizer=tokenizer, proj_dim=a.less_projection_dim,
             proj_kind=a.less_proj_kind, proj_seed=a.less_proj_seed, max_length=self._max_length(),
             batch_size=a.less_featurize_batch_size, autocast=a.less_autocast,
-            pool_direction=a.less_pool_direction, subtask_column=a.less_subtask_column,
+            compile_projection=a.less_compile_projection, pool_direction=a.less_pool_direction,
+            subtask_column=a.less_subtask_column,
             show_progress=not a.disable_tqdm, on_empty_completion=a.less_on_empty_completion,
             hub_correction=a.less_hub_correction, hub_pca_components=a.less_hub_pca_components,
             hub_csls_k=a.less_hub_csls_k)

@@ -213,3 +213,12 @@ def test_training_bar_counts_examples():
         seen.append(cb.bar.n)
     cb.on_train_end(args, state, None)
     assert seen == [4, 8, 10, 14, 18, 20, 24, 28, 30] and cb.bar.total == 30
+
+
+def test_compile_projection_is_read_and_refused_for_another_kind():
+    _, parsed = cli.parse(["featurize", "--compile_projection", "true"])
+    (feat,) = [a for a in parsed if isinstance(a, cli.FeaturizeArguments)]
+    assert feat.compile_projection is True and feat.proj_kind == "rowshift"
+    with pytest.raises(ValueError, match=re.escape("--compile_projection compiles the row-shift projection: it needs "
+                                                   "--proj_kind='rowshift' and a --proj_dim (got --proj_kind='sparse'")):
+        cli.parse(["featurize", "--compile_projection", "true", "--proj_kind", "sparse"])

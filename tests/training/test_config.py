@@ -29,7 +29,12 @@ def test_config_is_read_from_the_command_line(tmp_path):
                                         ({"less_budget": 300.0}, r"less_budget=300.0 .*give the int 300"),
                                         ({"less_budget": "1.5"}, r"less_budget=1.5 as a fraction"),
                                         ({"less_strategy": "best"}, "less_strategy"),
-                                        ({"less_warmup_fraction": 0}, "less_warmup_fraction")])
+                                        ({"less_warmup_fraction": 0}, "less_warmup_fraction"),
+                                        ({"less_compile_projection": True, "less_proj_kind": "sparse"},
+                                         r"less_compile_projection compiles the row-shift projection: it needs "
+                                         r"less_proj_kind='rowshift' and a less_proj_dim \(got less_proj_kind='sparse'"),
+                                        ({"less_compile_projection": True, "less_proj_dim": 0},
+                                         r"less_proj_dim=None\). Turn less_compile_projection off")])
 def test_config_refuses_bad_values(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path, **kw)

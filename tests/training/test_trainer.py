@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -96,6 +97,17 @@ def test_a_second_call_reuses_the_selection_file(run, tokenizer, monkeypatch):
                            target_dataset=Dataset.from_list(TARGETS), processing_class=tokenizer,
                            peft_config=lora_config())
     assert again.select_data() == run[0].selected_indices
+
+
+def test_compile_projection_selects_what_the_eager_projection_selects(run, tokenizer, tmp_path):
+    """``less_compile_projection=True``: the capture and the scoring run the compiled row-shift pass; the
+    scores are the eager run's to float32 rounding, hence the same selection."""
+    trainer, _, out = run
+    compiled = trainer_for(tmp_path, tokenizer, less_compile_projection=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the row-shift projection failed")
+        assert compiled.select_data() == trainer.selected_indices
+    np.testing.assert_allclose(load_pool_scores(tmp_path), load_pool_scores(out), rtol=0, atol=1e-5)
 
 
 def test_warmup_dir_is_reused_without_a_new_warmup(run, tokenizer, tmp_path, monkeypatch):
