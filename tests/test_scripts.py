@@ -42,6 +42,7 @@ def test_test_gpu_sh_runs_the_tests_then_every_benchmark(tmp_path):
     assert [c.split("--kinds ")[1].split(" --")[0] for c in benches] == [
         "rowshift rowshift-compiled", "sparse", "rademacher", "rowshift sparse rademacher"]
     assert all("--preset llama2-7b" in c for c in benches[:3]) and "--preset smollm2-135m" in benches[3]
+    assert "--profile 64" in benches[0]  # the default kind's phases and kernels at the 7B shape
     assert calls[-1].startswith("examples/bench/projection_speed.py --layers 32 --hidden 4096")
     assert tests[0] < calls.index(benches[0])  # the tests first: a failure shows before the timings
 

@@ -28,6 +28,8 @@ not absolute figures across runs.
     .venv/bin/python examples/bench/featurize_scale.py --layers 1 --kinds sparse --quick   # a smoke run
     # CUDA: the Llama-2-7B shape (32 layers, hidden 4096, r=128, d=8192), 371-token examples
     python examples/bench/featurize_scale.py --preset llama2-7b
+    # where the time goes: phases and top operators (torch.profiler) of one featurization of 16 examples
+    .venv/bin/python examples/bench/featurize_scale.py --layers 1 --kinds rowshift --profile 16
     # any local model directory (LoRA added on q/k/v/o)
     .venv/bin/python examples/bench/featurize_scale.py --model /path/to/model
 """
@@ -106,6 +108,10 @@ def parse_args(argv=None):
     p.add_argument("--agreement", action="store_true",
                    help="at the shallowest depth, also compare each kind's cosines and top-25%% with exact features")
     p.add_argument("--quick", action="store_true", help="8 examples, 1 round, no big pool: a smoke run")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the first kind's timings, profile one featurization of N examples (torch.profiler): "
+                        "seconds per phase (forward, backward, per-example gradients, Adam direction and projection) "
+                        "and the top operators")
     p.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -231,6 +237,53 @@ def without_projection(projector):
         del projector.project, projector.project_adam  # the class's methods again
 
 
+# The featurizer's phases as it names them for torch.profiler (hf_less.gradients.per_example / featurizer).
+PHASES = ("hf_less.forward", "hf_less.backward", "hf_less.per_example_gradient", "hf_less.adam_and_projection",
+          "hf_less.adam_direction", "hf_less.projection")
+
+
+def profile_phases(featurizer, examples, moments, device: torch.device, top: int = 15) -> dict:
+    """One featurization of ``examples`` under ``torch.profiler``: seconds per phase and the top operators.
+
+    ``{"phases": {name: {"cpu_s", "device_s"}}, "table": str}``: CPU time of each phase's range, and on CUDA
+    the time of the kernels launched inside it; the table lists the operators of most self time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    featurizer(examples, moments)  # warm: the profiled call is a steady one
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        featurizer(examples, moments)
+        sync(device)
+    events = prof.key_averages()
+
+    def device_s(e) -> float:
+        return (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) / 1e6
+
+    phases = {e.key: {"cpu_s": e.cpu_time_total / 1e6, "device_s": device_s(e) if cuda else None}
+              for e in events if e.key in PHASES}
+    table = ""
+    for sort in (("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)):
+        try:
+            table = events.table(sort_by=sort, row_limit=top)
+            break
+        except (AttributeError, KeyError, ValueError):  # the key's name in older/newer torch
+            continue
+    return {"examples": len(examples), "phases": phases, "table": table}
+
+
+def format_profile(kind: str, p: dict) -> str:
+    lines = [f"profile of {kind}, one featurization of {p['examples']} examples (seconds; device: the kernels "
+             "launched inside the phase):"]
+    for name in PHASES:
+        if name in p["phases"]:
+            t = p["phases"][name]
+            dev = "" if t["device_s"] is None else f", device {t['device_s']:.4f}"
+            lines.append(f"  {name:32s} cpu {t['cpu_s']:.4f}{dev}")
+    return "\n".join(lines + [p["table"]])
+
+
 def featurize_seconds(featurizer, examples, moments, batch: int | None = None) -> float:
     """Seconds of featurizing ``examples`` (in calls of ``batch`` rows when given, as map does)."""
     device = featurizer.device
@@ -319,6 +372,10 @@ def measure_depth(args, layers: int, device: torch.device) -> list[dict]:
             row["big_pool_s_ex"] = featurize_seconds(fresh, big, moments) / args.big_pool
             row["big_pool_vs_small"] = row["big_pool_s_ex"] / row["featurize_s_ex"]
         print(format_row(row), flush=True)
+        if args.profile and kind == args.kinds[0]:
+            profiled = profile_phases(featurizer, pool[: args.profile], moments, device)
+            print(format_profile(kind, profiled), flush=True)
+            row["profile"] = {k: v for k, v in profiled.items() if k != "table"}
         rows.append(row)
         del featurizer
     del model, optimizer, moments

@@ -108,21 +108,33 @@ def _fetch(url: str, dest: Path, sha256: str) -> None:
         part.unlink(missing_ok=True)
 
 
+# Run by pip_sources in a child python: pip's internals import the standard library's distutils, and a process
+# holding that one can no longer import setuptools (which torch.compile's C++ builds do): setuptools refuses it.
+_PIP_SOURCES = """
+import json
+from pip._internal.commands import create_command
+options, _ = create_command("download").parse_args([])
+indexes = [] if options.no_index else [options.index_url, *options.extra_index_urls]
+print(json.dumps([[u for u in indexes if u], [u for u in options.find_links or [] if u]]))
+"""
+
+
 def pip_sources() -> tuple[list[str], list[str]]:
     """``(index URLs, find-links locations)`` as pip itself resolves them, in pip's order.
 
     pip's own option parser reads its configuration files and ``PIP_INDEX_URL`` /
     ``PIP_EXTRA_INDEX_URL`` / ``PIP_FIND_LINKS`` / ``PIP_NO_INDEX``, with pip's default index when
-    nothing is configured: no host name is written in hf-less. Without a usable pip (not installed,
-    or its internals moved) only the environment variables are read.
+    nothing is configured: no host name is written in hf-less. It runs in a child python (see
+    ``_PIP_SOURCES``). Without a usable pip (not installed, or its internals moved) only the
+    environment variables are read.
     """
     try:
-        from pip._internal.commands import create_command
-
-        options, _ = create_command("download").parse_args([])
-        indexes = [] if options.no_index else [options.index_url, *options.extra_index_urls]
-        return [u for u in indexes if u], [u for u in options.find_links or [] if u]
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - SystemExit: pip exits on a bad configuration
+        done = subprocess.run([sys.executable, "-c", _PIP_SOURCES], capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])
+        indexes, links = json.loads(done.stdout.strip().splitlines()[-1])
+        return indexes, links
+    except (Exception, subprocess.TimeoutExpired) as e:  # noqa: BLE001 - any failure: the environment's word
         logger.info("pip's configuration could not be read (%s); using PIP_* environment variables only", e)
         env = os.environ
         no_index = env.get("PIP_NO_INDEX", "").lower() in ("1", "true", "yes", "on")

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from ..data import check_on_empty, collate, detect_format, encode_batch, pad_token_id, padding_side
@@ -314,7 +315,11 @@ class Featurizer:
             else:
                 parts.append(feats)
             del feats
-        feats = self.projector(buf) if buffered else torch.cat(parts)
+        if buffered:
+            with record_function("hf_less.projection"):
+                feats = self.projector(buf)
+        else:
+            feats = torch.cat(parts)
         return normalize(feats).cpu()
 
     def _on_device(self, moments: AdamMoments | None) -> AdamMoments | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from ..data import IGNORE_INDEX
 
@@ -269,12 +270,14 @@ class PerExampleGradients:
             lengths.add(len(scored_positions(batch["labels"])))
         try:
             with torch.enable_grad(), autocast_context(device, self.autocast):
-                losses = _forward_loss(self.model, batch, self._with_positions, self._with_keep)
-                _check_losses(losses)
-                total = losses.sum()
+                with record_function("hf_less.forward"):  # the phases' names in a torch.profiler trace
+                    losses = _forward_loss(self.model, batch, self._with_positions, self._with_keep)
+                    _check_losses(losses)
+                    total = losses.sum()
                 used, problems = self._audit(total, records, B, lengths)
                 if not problems:  # no recorded call in the graph: no parameter touches the loss
-                    deltas = torch.autograd.grad(total, [c.out for _, c in used], allow_unused=True) if used else ()
+                    with record_function("hf_less.backward"):
+                        deltas = torch.autograd.grad(total, [c.out for _, c in used], allow_unused=True) if used else ()
         finally:
             for h in handles:
                 h.remove()
@@ -296,8 +299,9 @@ class PerExampleGradients:
             grad = None
             for module, pname in uses:  # every use of the parameter (a tied weight has two)
                 for x, delta in calls[module]:
-                    g = _call_gradient(module, pname, x, delta, B)
-                    grad = g if grad is None else grad.add_(g)
+                    with record_function("hf_less.per_example_gradient"):
+                        g = _call_gradient(module, pname, x, delta, B)
+                        grad = g if grad is None else grad.add_(g)
             if grad is None:  # the parameter does not touch the loss
                 grad = torch.zeros((B, *self.params[i][1].shape), device=device)
             for module, _ in uses:  # free a module's activations once its last parameter is formed
@@ -470,13 +474,16 @@ def gradient_features(
             m = moments.exp_avg[key].to(device=device, dtype=torch.float32).reshape(-1)
             v = moments.exp_avg_sq[key].to(device=device, dtype=torch.float32).reshape(-1)
             if projector is not None:  # the direction and its projection in one call (fused where it can be)
-                out += projector.project_adam(g, m, v, moments.betas, moments.eps, offsets[i])
+                with record_function("hf_less.adam_and_projection"):
+                    out += projector.project_adam(g, m, v, moments.betas, moments.eps, offsets[i])
                 continue
-            g = adam_direction(g, m, v, moments.betas, moments.eps)
+            with record_function("hf_less.adam_direction"):
+                g = adam_direction(g, m, v, moments.betas, moments.eps)
         if projector is None:
             parts.append(g)
         else:
-            out += projector.project(g, offsets[i])
+            with record_function("hf_less.projection"):
+                out += projector.project(g, offsets[i])
     feats = torch.cat(parts, dim=1) if projector is None else out
     bad = (~torch.isfinite(feats)).any(1).nonzero().flatten().tolist()
     if bad:

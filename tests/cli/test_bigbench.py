@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -225,10 +227,11 @@ def served(tmp_path):
 
 
 def test_pip_sources_are_what_pip_is_configured_with(monkeypatch, tmp_path):
-    from pip._internal.models.index import PyPI
-
+    # pip's default index, read from pip in a child (pip's internals are kept out of this process: see below)
+    default = subprocess.run([sys.executable, "-c", "from pip._internal.models.index import PyPI; print(PyPI.simple_url)"],
+                             capture_output=True, text=True, check=True).stdout.strip()
     pip_env(monkeypatch)
-    assert bigbench.pip_sources() == ([PyPI.simple_url], [])  # pip's own default, read from pip
+    assert bigbench.pip_sources() == ([default], [])
     pip_env(monkeypatch, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_EXTRA_INDEX_URL="file:///x/simple",
             PIP_FIND_LINKS="/some/wheels")
     assert bigbench.pip_sources() == (["http://127.0.0.1:9/simple", "file:///x/simple"], ["/some/wheels"])
@@ -280,3 +283,12 @@ def test_a_file_with_another_checksum_is_refused(monkeypatch, tmp_path, fake_arc
                                             f"{bigbench.ARCHIVE_SHA256}"):
         bigbench.archive_path(tmp_path / "cache")
     assert not (tmp_path / "cache" / bigbench.ARCHIVE_NAME).exists()
+
+
+def test_pip_sources_keep_pip_out_of_this_process():
+    """pip's internals load the standard library's distutils; setuptools (torch.compile's C++ builds import it)
+    then refuses to load. Reading pip's configuration must leave this process as it was."""
+    code = ("import sys; from hf_less.cli import bigbench; bigbench.pip_sources(); "
+            "assert 'pip' not in sys.modules and 'distutils' not in sys.modules, sorted(sys.modules); import setuptools")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
