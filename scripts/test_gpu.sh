@@ -22,9 +22,10 @@ mkdir -p "$OUT"
 "$PY" -c "import torch, transformers, peft; print(torch.cuda.get_device_name(0), 'torch', torch.__version__,
 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee "$OUT/device.txt"
 status=0
-# The GPU tests: the generators' bits on the GPU, CPU = GPU features to float32 rounding, two runs bitwise equal.
+# The GPU tests: the generators' bits on the GPU, CPU = GPU features to float32 rounding, two runs bitwise equal
+# (also compiled), bfloat16 per-example gradients multiplied into float32.
 timeout 75 "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests/gradients/test_projection.py \
-  tests/gradients/test_featurizer.py 2>&1 | tee "$OUT/gpu_tests.txt" || status=1
+  tests/gradients/test_featurizer.py tests/gradients/test_per_example.py 2>&1 | tee "$OUT/gpu_tests.txt" || status=1
 [ "${1:-}" = "--tests" ] && exit $status
 bench() {  # name, seconds, arguments: one process each, so a slow kind cannot starve the others
   local name=$1 limit=$2; shift 2

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import string
 import subprocess
@@ -137,6 +138,11 @@ def as_format(rows, fmt):
                                                 {"role": "assistant", "content": r["completion"]}]} for r in rows])
     return Dataset.from_list([{"text": r["prompt"] + r["completion"]} for r in rows])
 
+
+# torch.compile on a CPU builds C++ (the compiled row-shift pass): where no compiler is at hand it warns and
+# projects eagerly, which tests/gradients/test_projection.py checks; the tests of the compiled code itself skip.
+needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")),
+                               reason="torch.compile on a CPU needs a C++ compiler")
 
 POOL = toy_tasks(6, seed=2)  # 12 rows, half of them "math"
 TARGETS = [r for r in toy_tasks(4, seed=3) if r["task"] == "math"]  # LessSFTTrainer's tests

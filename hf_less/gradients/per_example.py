@@ -408,7 +408,11 @@ def _call_gradient(module: nn.Module, pname: str, x: torch.Tensor, delta: torch.
         delta: ``(B, L, out)`` the gradient of the summed per-example losses w.r.t. the call's output;
             example b's loss depends on example b's rows only, so row b is example b's own gradient.
     """
-    d = delta.reshape(B, -1, delta.shape[-1]).float()
+    d = delta.reshape(B, -1, delta.shape[-1])
+    if pname == "weight" and not isinstance(module, nn.Embedding):
+        # (B, out, in): one bmm per module call; padded tokens have delta = 0.
+        return bmm_float32(d.transpose(1, 2), x.reshape(B, -1, x.shape[-1]))
+    d = d.float()
     if isinstance(module, nn.Embedding):
         # Row v of example b's gradient sums the output gradients at the positions holding token v.
         ids = x.reshape(B, -1)
@@ -418,10 +422,24 @@ def _call_gradient(module: nn.Module, pname: str, x: torch.Tensor, delta: torch.
         rows = (ids + V * torch.arange(B, device=ids.device)[:, None]).reshape(-1)
         out = torch.zeros((B * V, d.shape[-1]), device=d.device)
         return out.index_add_(0, rows, d.reshape(-1, d.shape[-1])).view(B, V, -1)
-    if pname == "weight":
-        # (B, out, in): one bmm per module call; padded tokens have delta = 0.
-        return torch.bmm(d.transpose(1, 2), x.reshape(B, -1, x.shape[-1]).float())
     return d.sum(1)
+
+
+def bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (``(B, n, k) @ (B, k, m)``) in float32, with the products of float32 arithmetic.
+
+    bfloat16 / float16 inputs on CUDA multiply on the tensor cores into a float32 result
+    (``out_dtype``): their products are exact in float32 (8- or 11-bit mantissas) and the sums
+    float32, so the result is the float32 product of the same values up to the order of the sums,
+    without float32 copies of the inputs. Anything else (a CPU, mixed dtypes, a torch without
+    ``out_dtype``) is cast to float32 first.
+    """
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch: no out_dtype
+            pass
+    return torch.bmm(a.float(), b.float())
 
 
 def _check_losses(losses: torch.Tensor, offset: int = 0) -> None:

@@ -15,7 +15,7 @@ from hf_less.gradients.projection import make_projector
 from hf_less.gradients.store import FeatureStore
 
 from tests.testing_utils import (POOL, SETTINGS, SHARD_ROWS, dense_matrix, encoded_toy_tasks, make_lora_model,
-                                 make_model, naive_gradient, random_moments, stray_files)
+                                 make_model, naive_gradient, needs_cxx, random_moments, stray_files)
 from tests.testing_utils import FEW_TARGETS as TARGETS
 
 
@@ -26,7 +26,7 @@ def encoded(tokenizer):
 
 @pytest.mark.parametrize("kind,buffer_rows,compiled", [("rademacher", 1, False), ("rademacher", 100, False),
                                                        ("sparse", 100, False), ("rowshift", 100, False),
-                                                       ("rowshift", 100, True)])
+                                                       pytest.param("rowshift", 100, True, marks=needs_cxx)])
 def test_featurizer_equals_naive_projected_loop(lora_model, tokenizer, encoded, kind, buffer_rows, compiled):
     """Buffered units, one-by-one projection, the compiled row-shift pass and the naive per-example loop agree."""
     from hf_less.gradients.featurizer import Featurizer
@@ -124,7 +124,7 @@ def deterministic_runs(model, tokenizer, encoded, moments, kind, dim, batch_size
 
 
 @pytest.mark.parametrize("kind,compiled", [("rowshift", False), ("sparse", False), ("rademacher", False),
-                                           ("rowshift", True)])
+                                           pytest.param("rowshift", True, marks=needs_cxx)])
 def test_two_runs_give_bitwise_equal_features_under_deterministic_algorithms(tokenizer, encoded, kind, compiled):
     """Determinism: fresh featurizers (fresh caches) on the same model give the same bits, and the path
     runs under ``torch.use_deterministic_algorithms(True)`` (nothing on it is flagged non-deterministic)."""

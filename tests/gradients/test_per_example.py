@@ -141,3 +141,38 @@ def test_autocast_is_off_on_cpu():
     from hf_less.gradients.per_example import autocast_context
 
     assert isinstance(autocast_context(torch.device("cpu")), contextlib.nullcontext)
+
+
+def _bmm_cases(device):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 5, 371, generator=g)  # (B, out, tokens): a LoRA layer's output gradients, transposed
+    b = torch.randn(3, 371, 64, generator=g)  # (B, tokens, in): its inputs
+    return a.to(device), b.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bmm_float32_is_the_float32_product_of_the_same_values(dtype):
+    """Per-example weight gradients: float32 results whatever the activations' dtype, products of the
+    values as given (a bfloat16 activation is exact in float32), sums in float32."""
+    from hf_less.gradients.per_example import bmm_float32
+
+    a, b = (t.to(dtype) for t in _bmm_cases("cpu"))
+    out = bmm_float32(a, b)
+    ref = torch.bmm(a.double(), b.double())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bmm_float32_on_cuda_multiplies_low_precision_in_float32(dtype):
+    """On CUDA bfloat16/float16 inputs go to the tensor cores with a float32 result (out_dtype): the same values'
+    float32 product to float32 rounding (no rounding of the result to the inputs' precision)."""
+    from hf_less.gradients.per_example import bmm_float32
+
+    a, b = (t.to(dtype) for t in _bmm_cases("cuda"))
+    out = bmm_float32(a, b)
+    ref = torch.bmm(a.double(), b.double())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)

@@ -8,7 +8,7 @@ import torch
 from hf_less.gradients.projection import (BLOCK_ROWS, MATRIX_VERSIONS, RandomProjector, RowShiftProjector, SparseProjector,
                                           make_projector, projection_block)
 
-from tests.testing_utils import dense_matrix, py_rademacher, py_sparse_matrix
+from tests.testing_utils import dense_matrix, needs_cxx, py_rademacher, py_sparse_matrix
 
 
 @pytest.mark.parametrize("kind", ["rowshift", "rademacher", "gaussian", "sparse"])
@@ -243,6 +243,7 @@ def naive_adam_direction(g, m, v, b1=0.9, b2=0.999, eps=1e-8):
     return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g**2 + eps)
 
 
+@needs_cxx
 def test_compiled_rowshift_fuses_the_adam_direction_and_is_the_dense_matrix():
     """``compile=True``: one compiled pass per slice gives ``Gamma R`` (R built coordinate by coordinate in
     Python), plain gradients give ``x R``, slices add up, and two fresh projectors give the same bits."""

@@ -15,7 +15,7 @@ from hf_less import LessSelector, LessSFTTrainer
 from hf_less.gradients.state import RUN_FILE, find_checkpoints
 from hf_less.selection.record import load_pool_scores, load_selection
 
-from tests.testing_utils import POOL, TARGETS, as_format, lora_config, make_model, trainer_for
+from tests.testing_utils import POOL, TARGETS, as_format, lora_config, make_model, needs_cxx, trainer_for
 from tests.testing_utils import trainer_config as config
 
 
@@ -99,6 +99,7 @@ def test_a_second_call_reuses_the_selection_file(run, tokenizer, monkeypatch):
     assert again.select_data() == run[0].selected_indices
 
 
+@needs_cxx
 def test_compile_projection_selects_what_the_eager_projection_selects(run, tokenizer, tmp_path):
     """``less_compile_projection=True``: the capture and the scoring run the compiled row-shift pass; the
     scores are the eager run's to float32 rounding, hence the same selection."""
