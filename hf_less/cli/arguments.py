@@ -108,10 +108,9 @@ class FeaturizeArguments:
                 "(signs); int8/int4/1bit take 2x/4x/16x less disk than float16."})
 
     def __post_init__(self):
+        from ..gradients.featurizer import check_compile_projection
         from ..gradients.quantize import check_format
         from ..scoring.hubness import HubCorrection
-
-        from ..gradients.featurizer import check_compile_projection
 
         HubCorrection(self.hub_correction, self.hub_pca_components, csls_k=self.hub_csls_k)  # refuse bad values early
         check_compile_projection(self.compile_projection, self.proj_dim or None, self.proj_kind, "--")
